@@ -24,6 +24,7 @@ def _gather_rows_kernel(
     R,  # output rows per batch element
     S,  # source rows per batch element
     D,  # row length
+    ACC: tl.constexpr,  # accumulation dtype: float32, or float64 for float64 data
     HAS_FILL: tl.constexpr,
     HAS_POS: tl.constexpr,
     POS_BY_OUTPUT: tl.constexpr,  # pos row = r (scatter) instead of rows[b, r] (gather)
@@ -38,9 +39,9 @@ def _gather_rows_kernel(
     batch = (out_rows // R).to(tl.int64)
     has_src = row_ok & (src_row >= 0) & (src_row < S)
     src_off = (batch * S + src_row)[:, None] * D + cols[None, :]
-    val = tl.load(src_ptr + src_off, mask=has_src[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    val = tl.load(src_ptr + src_off, mask=has_src[:, None] & col_ok[None, :], other=0.0).to(ACC)
     if HAS_FILL:
-        fill = tl.load(fill_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        fill = tl.load(fill_ptr + cols, mask=col_ok, other=0.0).to(ACC)
         val = tl.where(has_src[:, None], val, fill[None, :])
     if HAS_POS:
         if POS_BY_OUTPUT:
@@ -50,7 +51,7 @@ def _gather_rows_kernel(
             pos_row = src_row
             pos_ok = has_src
         pos = tl.load(pos_ptr + pos_row[:, None] * D + cols[None, :], mask=pos_ok[:, None] & col_ok[None, :], other=0.0)
-        val += pos.to(tl.float32)
+        val += pos.to(ACC)
     out_off = out_rows.to(tl.int64)[:, None] * D + cols[None, :]
     tl.store(out_ptr + out_off, val.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -64,6 +65,7 @@ def _segment_sum_rows_kernel(
     N,  # output rows per batch element
     K,  # source rows per batch element
     D,  # row length
+    ACC: tl.constexpr,  # accumulation dtype: float32, or float64 for float64 data
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -73,15 +75,19 @@ def _segment_sum_rows_kernel(
     col_ok = cols < D
     begin = tl.load(starts_ptr + batch * (N + 1) + n)
     end = tl.load(starts_ptr + batch * (N + 1) + n + 1)
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_D,), dtype=ACC)
     for j in range(begin, end):
         k = tl.load(perm_ptr + batch * K + j)
-        acc += tl.load(src_ptr + (batch * K + k) * D + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc += tl.load(src_ptr + (batch * K + k) * D + cols, mask=col_ok, other=0.0).to(ACC)
     tl.store(out_ptr + pid.to(tl.int64) * D + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _block_d(D: int) -> int:
     return min(triton.next_power_of_2(max(D, 1)), 1024)
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def gather_rows(src: torch.Tensor, rows: torch.Tensor, fill: torch.Tensor | None, pos: torch.Tensor | None,
@@ -92,6 +98,9 @@ def gather_rows(src: torch.Tensor, rows: torch.Tensor, fill: torch.Tensor | None
     """
     B, S, D = src.shape
     R = rows.shape[1]
+    src, rows = src.contiguous(), rows.contiguous()
+    fill = fill.contiguous() if fill is not None else None
+    pos = pos.contiguous() if pos is not None else None
     out = torch.empty((B, R, D), dtype=src.dtype, device=src.device)
     if out.numel() == 0:
         return out
@@ -99,8 +108,9 @@ def gather_rows(src: torch.Tensor, rows: torch.Tensor, fill: torch.Tensor | None
     block_r = max(1, min(16, 4096 // block_d))
     grid = (triton.cdiv(B * R, block_r), triton.cdiv(D, block_d))
     _gather_rows_kernel[grid](
-        out, src.contiguous(), rows.contiguous(), fill if fill is not None else src, pos if pos is not None else src,
-        B * R, R, S, D, HAS_FILL=fill is not None, HAS_POS=pos is not None, POS_BY_OUTPUT=pos_by_output,
+        out, src, rows, fill if fill is not None else src, pos if pos is not None else src,
+        B * R, R, S, D, ACC=_acc(src.dtype), HAS_FILL=fill is not None, HAS_POS=pos is not None,
+        POS_BY_OUTPUT=pos_by_output,
         BLOCK_R=block_r, BLOCK_D=block_d,
     )
     return out
@@ -118,5 +128,5 @@ def segment_sum_rows(src: torch.Tensor, perm: torch.Tensor, starts: torch.Tensor
     block_d = _block_d(D)
     grid = (B * num_rows, triton.cdiv(D, block_d))
     _segment_sum_rows_kernel[grid](out, src.contiguous(), perm.contiguous(), starts.contiguous(), num_rows, K, D,
-                                   BLOCK_D=block_d)
+                                   ACC=_acc(src.dtype), BLOCK_D=block_d)
     return out

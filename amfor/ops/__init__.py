@@ -5,7 +5,13 @@
         kept = masked_gather(x, index, pos_embed)
 """
 
-from amfor.ops._backend import BACKENDS, available_backends, current_backend, use_backend, warn_once_if_extension_missing
+from amfor.ops._backend import (
+    BACKENDS,
+    available_backends,
+    current_backend,
+    use_backend,
+    warn_once_if_extension_missing,
+)
 from amfor.ops.masked_patches import masked_gather, masked_scatter, random_masking
 
 warn_once_if_extension_missing()

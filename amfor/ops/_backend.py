@@ -31,7 +31,8 @@ def _load_extension() -> tuple[bool, str, bool]:
     try:
         importlib.import_module("amfor._C")
     except Exception as exc:  # noqa: BLE001 - any failure to load means: fall back to the reference
-        why = f"amfor._C failed to load ({type(exc).__name__}: {exc}); reinstall with `pip install -e . --no-build-isolation`"
+        why = (f"amfor._C failed to load ({type(exc).__name__}: {exc}); "
+               "reinstall with `pip install -e . --no-build-isolation`")
         return False, why, False
     return True, "loaded", torch._C._dispatch_has_kernel_for_dispatch_key("amfor::masked_gather", "CUDA")
 

@@ -25,7 +25,8 @@ AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
 # ---------------------------------------------------------------------------------------------------------
 # Reference (the specification)
 # ---------------------------------------------------------------------------------------------------------
-def masked_gather_reference(x: torch.Tensor, index: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+def masked_gather_reference(x: torch.Tensor, index: torch.Tensor,
+                            pos_embed: torch.Tensor | None = None) -> torch.Tensor:
     """out[b, k] = x[b, index[b, k]] (+ pos_embed[index[b, k]]).
 
     x: [B, N, D]; index: [B, K] int; pos_embed: [N, D] or None  ->  [B, K, D]
@@ -107,7 +108,8 @@ def _check_index(index: torch.Tensor, batch: int, num_tokens: int, device: torch
     if not check_values or index.numel() == 0 or torch.compiler.is_compiling() or _capturing(device):
         return
     if bool(((index < 0) | (index >= num_tokens)).any()):
-        raise ValueError(f"index values must lie in [0, {num_tokens}), got min {int(index.min())} max {int(index.max())}")
+        raise ValueError(f"index values must lie in [0, {num_tokens}), "
+                         f"got min {int(index.min())} max {int(index.max())}")
     if unique and index.shape[1] > 1:
         ordered = torch.sort(index, dim=1).values
         if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
@@ -217,7 +219,9 @@ def _register(gather_name: str, scatter_name: str, backward_name: str) -> tuple:
     def gather_backward(ctx, grad):
         (index,) = ctx.saved_tensors
         grad_x = backward_op(grad.contiguous(), index, ctx.num_tokens)
-        grad_pos = grad_x.sum(0, dtype=torch.float32).to(grad.dtype) if ctx.has_pos and ctx.needs_input_grad[2] else None
+        grad_pos = None
+        if ctx.has_pos and ctx.needs_input_grad[2]:
+            grad_pos = grad_x.sum(0, dtype=torch.float32).to(grad.dtype)
         return grad_x if ctx.needs_input_grad[0] else None, None, grad_pos
 
     def scatter_backward(ctx, grad):

@@ -1,0 +1,65 @@
+"""Timing helpers shared by the benchmarks (`pytest benchmarks/`).
+
+On a GPU, `measure` times with CUDA events through `triton.testing.do_bench` (median, L2 flushed between
+runs, warm-up first so compilation is not timed) and records the figure in `benchmark.extra_info`, where
+`benchmarks.gpu_report` reads it; pytest-benchmark's own statistics are kept too, with a synchronise inside
+the callable. On the CPU it is pytest-benchmark's wall clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+
+def skip_unless(device: str, backend: str) -> None:
+    """Skip the benchmark, with the reason, when `backend` cannot run on `device`."""
+    from amfor.ops._backend import unavailable_reasons
+
+    missing = unavailable_reasons(device)
+    if backend in missing:
+        pytest.skip(f"{backend} on {device}: {missing[backend]}")
+
+
+def gpu_median_ms(fn: Callable[[], object]) -> float:
+    """Median time of fn() in ms on the current CUDA device (CUDA events, L2 flushed)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def measure(benchmark, fn: Callable[[], object], device: str, *, bytes_moved: int | None = None,
+            rounds: int = 20, **info) -> float:
+    """Time fn on `device`; record median ms (and GB/s when bytes_moved is given) in benchmark.extra_info.
+
+    Returns the median in milliseconds.
+    """
+    fn()  # warm-up: compilation, autotuning, allocator
+    if device == "cuda":
+        torch.cuda.synchronize()
+        median_ms = gpu_median_ms(fn)
+        benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=rounds, warmup_rounds=2)
+    else:
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
+        median_ms = benchmark.stats.stats.median * 1e3
+    benchmark.extra_info.update(info)
+    benchmark.extra_info["median_ms"] = median_ms
+    if bytes_moved is not None:
+        benchmark.extra_info["bytes"] = bytes_moved
+        benchmark.extra_info["GB/s"] = bytes_moved / (median_ms * 1e-3) / 1e9
+    return median_ms
+
+
+def copy_bandwidth_gbps(nbytes: int, device: str) -> float:
+    """GB/s of a device-to-device copy of `nbytes` (read + write counted), measured now."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    if device == "cuda":
+        ms = gpu_median_ms(lambda: dst.copy_(src))
+    else:
+        import timeit
+
+        ms = min(timeit.repeat(lambda: dst.copy_(src), number=5, repeat=5)) / 5 * 1e3
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
