@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include "../common.h"
 
@@ -18,7 +19,10 @@ inline void write_row(scalar_t* out, const scalar_t* src, const scalar_t* fill, 
     std::copy(base, base + D, out);
     return;
   }
-  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(static_cast<acc_t>(base[d]) + static_cast<acc_t>(pos[d]));
+  using Vec = at::vec::Vectorized<scalar_t>;  // adds in float for half/bfloat16, rounding once like the reference
+  int64_t d = 0;
+  for (; d + Vec::size() <= D; d += Vec::size()) (Vec::loadu(base + d) + Vec::loadu(pos + d)).store(out + d);
+  for (; d < D; ++d) out[d] = static_cast<scalar_t>(static_cast<acc_t>(base[d]) + static_cast<acc_t>(pos[d]));
 }
 
 // Output rows [B, R, D]: row (b, r) copies source row rows[b, r] of batch b (or `fill` when it is negative)
