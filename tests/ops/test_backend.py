@@ -1,0 +1,62 @@
+"""The backend choice and the build of amfor._C."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from amfor.ops import _backend, available_backends, current_backend, use_backend
+
+
+def test_extension_is_built_and_loaded():
+    loaded, why = _backend.extension_status()
+    assert loaded, why
+
+
+def test_cuda_kernels_are_compiled_wherever_nvcc_is():
+    """The install compiles csrc/cuda whenever nvcc and a CUDA build of torch exist, GPU or not."""
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    has_nvcc = shutil.which("nvcc") is not None or os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    if not (has_nvcc and torch.version.cuda) or os.environ.get("AMFOR_BUILD_CUDA") == "0":
+        pytest.skip("no nvcc or a CPU build of torch: the CUDA kernels are not built here")
+    assert _backend.extension_has_cuda(), "nvcc is present but amfor._C has no CUDA kernels registered"
+
+
+def test_available_backends():
+    cpu = available_backends("cpu")
+    assert cpu[0] == "torch" and "cuda" not in cpu
+    assert ("cpp" in cpu) == _backend.extension_status()[0]
+    assert ("triton" in cpu) == (_backend.triton_status()[0] and _backend.triton_interpreted())
+    reasons = _backend.unavailable_reasons("cpu")
+    assert "CUDA tensors" in reasons["cuda"]
+    assert available_backends("meta") == ["torch"]
+
+
+def test_use_backend_nests_and_restores(monkeypatch):
+    monkeypatch.delenv("AMFOR_BACKEND", raising=False)
+    assert current_backend() == "auto"
+    with use_backend("torch"):
+        with use_backend("cpp"):
+            assert current_backend() == "cpp"
+        assert current_backend() == "torch"
+    assert current_backend() == "auto"
+    monkeypatch.setenv("AMFOR_BACKEND", "TORCH")
+    assert current_backend() == "torch"
+
+
+def test_unknown_backend_is_an_error(monkeypatch):
+    with pytest.raises(ValueError, match="unknown amfor backend 'gpu'"):
+        with use_backend("gpu"):
+            pass
+    monkeypatch.setenv("AMFOR_BACKEND", "fast")
+    with pytest.raises(ValueError, match="'fast'"):
+        current_backend()
+
+
+def test_auto_prefers_the_measured_order():
+    order = {"cpu": ("cpp",)}
+    with use_backend("auto"):
+        expected = "cpp" if "cpp" in available_backends("cpu") else "torch"
+        assert _backend.resolve("op", torch.device("cpu"), order) == expected
+        assert _backend.resolve("op", torch.device("meta"), order) == "torch"
