@@ -19,6 +19,15 @@ TORCH_LIBRARY(amfor, m) {
   m.def("masked_gather_backward(Tensor grad, Tensor index, int num_tokens) -> Tensor");
 
   // ---- query_fusion: amfor/ops/query_fusion.py ----
+  // out[b,h,q] = sum_l w[b,q,l] softmax_n(scale q[b,h,q] . k_l[b,h',n] | mask) @ v_l[b,h',:], h' = h / (H / Hkv).
+  // q: [B, H, Q, d]; k, v: [one tensor [B, Hkv, L, N, d]] or L tensors [B, Hkv, N, d] (same strides, unit stride in
+  // d); weights: [B, Q, L] float32 (float64 for float64 q); attn_mask: bool [B, Q or 1, L, N], True = may attend.
+  // Returns out [B, H, Q, d] and lse [B, H, Q, L] (weights' dtype; -inf where a layer is fully masked).
+  m.def("query_fusion_attention(Tensor q, Tensor[] k, Tensor[] v, Tensor weights, Tensor? attn_mask, float scale) "
+        "-> (Tensor, Tensor)");
+  // Gradients: dq [B, H, Q, d], dk and dv [B, Hkv, L, N, d], dweights [B, Q, L]; deterministic, no atomics.
+  m.def("query_fusion_attention_backward(Tensor grad_out, Tensor q, Tensor[] k, Tensor[] v, Tensor weights, "
+        "Tensor? attn_mask, float scale, Tensor lse) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- distill_loss: amfor/ops/distill_loss.py ----
 }

@@ -13,6 +13,7 @@ from amfor.ops._backend import (
     warn_once_if_extension_missing,
 )
 from amfor.ops.masked_patches import masked_gather, masked_scatter, random_masking
+from amfor.ops.query_fusion import query_fusion_attention
 
 warn_once_if_extension_missing()
 
@@ -22,6 +23,7 @@ __all__ = [
     "current_backend",
     "masked_gather",
     "masked_scatter",
+    "query_fusion_attention",
     "random_masking",
     "use_backend",
 ]

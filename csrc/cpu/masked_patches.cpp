@@ -3,7 +3,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include "../common.h"
 
@@ -19,10 +18,8 @@ inline void write_row(scalar_t* out, const scalar_t* src, const scalar_t* fill, 
     std::copy(base, base + D, out);
     return;
   }
-  using Vec = at::vec::Vectorized<scalar_t>;  // adds in float for half/bfloat16, rounding once like the reference
-  int64_t d = 0;
-  for (; d + Vec::size() <= D; d += Vec::size()) (Vec::loadu(base + d) + Vec::loadu(pos + d)).store(out + d);
-  for (; d < D; ++d) out[d] = static_cast<scalar_t>(static_cast<acc_t>(base[d]) + static_cast<acc_t>(pos[d]));
+  // A plain loop: the compiler vectorises it for the baseline ISA (at::vec without CPU_CAPABILITY flags is slower).
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(static_cast<acc_t>(base[d]) + static_cast<acc_t>(pos[d]));
 }
 
 // Output rows [B, R, D]: row (b, r) copies source row rows[b, r] of batch b (or `fill` when it is negative)

@@ -173,6 +173,17 @@ def test_empty_batches_and_no_kept_tokens(device, backend):
     torch.testing.assert_close(full, token.expand(2, 12, 64))
 
 
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_no_kept_tokens_gives_zero_gradient(device, backend):
+    x = torch.randn(2, 12, 64, device=device, requires_grad=True)
+    pos = torch.randn(12, 64, device=device, requires_grad=True)
+    with use_backend(backend), poisoned():
+        out = masked_gather(x, torch.zeros(2, 0, dtype=torch.long, device=device), pos)
+        gx, gp = torch.autograd.grad(out, (x, pos), torch.ones_like(out))
+    assert out.shape == (2, 0, 64)
+    assert torch.equal(gx, torch.zeros_like(x)) and torch.equal(gp, torch.zeros_like(pos))
+
+
 @pytest.mark.parametrize("backend", [b for b in backends("cpu") if b != "torch"])
 def test_gradcheck_float64(backend):
     x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)

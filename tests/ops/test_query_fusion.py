@@ -1,0 +1,310 @@
+"""query_fusion_attention: reference, Triton, C++ CPU and CUDA kernels against the reference."""
+
+import math
+
+import pytest
+import torch
+
+from amfor.ops import _backend, use_backend
+from amfor.ops.query_fusion import query_fusion_attention, query_fusion_attention_reference
+from amfor.testing import assert_close_lowp, backends, devices, poisoned
+
+COMPILED = ["cpp", "cuda", "triton"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _cases():
+    """(device, backend) pairs of every compiled backend that runs here."""
+    return [(dev, b) for dev in devices() for b in backends(dev) if b in COMPILED]
+
+
+def _inputs(B=2, H=4, Hkv=2, Q=5, L=3, N=37, d=40, dtype=torch.float32, device="cpu", mask=None, weights="bql",
+            seed=0):
+    """Fresh random q, k, v (float32 leaves cast to dtype), layer weights and mask."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Q, d, generator=g).to(device, dtype)
+    k = torch.randn(B, Hkv, L, N, d, generator=g).to(device, dtype)
+    v = torch.randn(B, Hkv, L, N, d, generator=g).to(device, dtype)
+    shapes = {"none": None, "l": (L,), "bl": (B, L), "bql": (B, Q, L)}[weights]
+    w = None if shapes is None else torch.rand(*shapes, generator=g).to(device) + 0.1
+    m = None
+    if mask is not None:
+        m = (torch.rand(B, Q if mask == "bq" else 1, L, N, generator=g) > 0.4).to(device)
+        m[0, 0, -1] = False  # a fully masked (query, layer)
+    return q, k, v, w, m
+
+
+def _run(backend, q, k, v, w, m, grad, scale=None):
+    """Output and gradients of (q, k, v, w) with `backend`."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (q, k, v, w)]
+    with use_backend(backend):
+        out = query_fusion_attention(leaves[0], leaves[1], leaves[2], leaves[3], m, scale)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad)
+    return out.detach(), list(grads)
+
+
+def _reference(q, k, v, w, m, grad, upcast=True, scale=None):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (q, k, v, w)]
+    if upcast:
+        leaves = [t.float().detach().requires_grad_() if t is not None else None for t in leaves]
+    out = query_fusion_attention_reference(*leaves, m, scale, upcast=upcast)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad.to(out.dtype))
+    return out.detach(), list(grads)
+
+
+def _compare(backend, q, k, v, w, m, scale=None):
+    """Forward and all gradients of `backend` vs the float32 reference, by the low-precision rule."""
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q.device, q.dtype)
+    with poisoned():
+        out, grads = _run(backend, q, k, v, w, m, grad, scale)
+    ref, ref_grads = _reference(q, k, v, w, m, grad, scale=scale)
+    low, low_grads = (None, [None] * 4) if q.dtype == torch.float32 else _reference(q, k, v, w, m, grad, False, scale)
+    tol = dict(floor=2e-5, rtol=2e-5) if q.dtype == torch.float32 else dict(floor=1e-3)
+    assert_close_lowp(out, ref.to(q.dtype) if q.dtype == torch.float32 else ref, low, name="out", **tol)
+    for name, a, r, lo in zip("qkvw", grads, ref_grads, low_grads, strict=False):
+        if name == "w":  # layer weights stay float32
+            torch.testing.assert_close(a.float(), r, rtol=2e-2 if q.dtype != torch.float32 else 2e-5, atol=1e-3)
+            continue
+        r = r.to(q.dtype) if q.dtype == torch.float32 else r
+        assert_close_lowp(a, r, lo, name=f"d{name}", **tol)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference against hand-derived cases and PyTorch attention
+# ---------------------------------------------------------------------------------------------------------
+def test_reference_hand_derived():
+    # one query, two keys with scaled scores 0 and ln 3: probabilities 1/4 and 3/4
+    q = torch.tensor([[[[1.0, 0.0]]]])
+    k = torch.tensor([[[[[0.0, 0.0], [math.log(3.0), 5.0]]]]])
+    v = torch.tensor([[[[[4.0, 8.0], [0.0, 4.0]]]]])
+    out = query_fusion_attention_reference(q, k, v, scale=1.0)
+    torch.testing.assert_close(out, torch.tensor([[[[1.0, 5.0]]]]))
+    # two layers, weights 0.25 / 0.75, the second layer fully masked: 0.25 * layer 0 only
+    k2, v2 = torch.cat([k, k], 2), torch.cat([v, 2 * v], 2)
+    mask = torch.tensor([[[[True, True], [False, False]]]])
+    out = query_fusion_attention_reference(q, k2, v2, torch.tensor([0.25, 0.75]), mask, scale=1.0)
+    torch.testing.assert_close(out, torch.tensor([[[[0.25, 1.25]]]]))
+    # no weights: the mean of the layers
+    out = query_fusion_attention_reference(q, k2, v2, scale=1.0)
+    torch.testing.assert_close(out, torch.tensor([[[[1.5, 7.5]]]]))
+
+
+def test_reference_is_sdpa_for_one_layer_and_shared_heads():
+    q, k, v, _, _ = _inputs(H=4, Hkv=2, L=1)
+    expect = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, 0].repeat_interleave(2, 1), v[:, :, 0].repeat_interleave(2, 1))
+    torch.testing.assert_close(query_fusion_attention_reference(q, k, v), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_gradcheck_float64():
+    q, k, v, w, m = _inputs(B=1, H=2, Hkv=1, Q=2, L=2, N=5, d=3, mask="bq")
+    args = [t.double().requires_grad_() for t in (q, k, v, w)]
+    assert torch.autograd.gradcheck(lambda *a: query_fusion_attention_reference(*a, m), args)
+
+
+@pytest.mark.skipif("cpp" not in backends("cpu"), reason="amfor._C not built")
+@pytest.mark.parametrize("mask", [None, "bq"])
+def test_cpp_gradcheck_float64(mask):
+    q, k, v, w, m = _inputs(B=1, H=2, Hkv=1, Q=2, L=2, N=5, d=3, mask=mask)
+    args = [t.double().requires_grad_() for t in (q, k, v, w)]
+    with use_backend("cpp"):
+        assert torch.autograd.gradcheck(lambda *a: query_fusion_attention(*a, m), args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every compiled backend against the reference
+# ---------------------------------------------------------------------------------------------------------
+SHAPES = [  # (B, H, Hkv, Q, L, N, d)
+    (2, 4, 2, 5, 3, 37, 40),
+    (1, 2, 2, 1, 1, 129, 32),
+    (2, 3, 1, 7, 2, 19, 64),
+    (1, 2, 1, 10, 1, 211, 16),
+]
+
+
+@pytest.mark.parametrize("device,backend", _cases())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backend_matches_reference_float32(device, backend, shape):
+    B, H, Hkv, Q, L, N, d = shape
+    _compare(backend, *_inputs(B, H, Hkv, Q, L, N, d, device=device, mask="bq"))
+
+
+@pytest.mark.parametrize("device,backend", _cases())
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+def test_backend_matches_reference_low_precision(device, backend, dtype):
+    _compare(backend, *_inputs(B=2, H=4, Hkv=2, Q=6, L=2, N=53, d=48, dtype=dtype, device=device, mask="b1"))
+
+
+@pytest.mark.parametrize("device,backend", _cases())
+@pytest.mark.parametrize("weights", ["none", "l", "bl", "bql"])
+def test_layer_weight_shapes(device, backend, weights):
+    _compare(backend, *_inputs(B=2, H=2, Hkv=2, Q=3, L=3, N=21, d=32, device=device, weights=weights))
+
+
+@pytest.mark.parametrize("device,backend", _cases())
+@pytest.mark.parametrize("mask", ["bq", "b1"])
+def test_masks_and_fully_masked_layers(device, backend, mask):
+    q, k, v, w, m = _inputs(B=2, H=2, Hkv=1, Q=4, L=2, N=23, d=32, device=device, mask=mask)
+    m[1] = False  # image 1: every key of every layer masked -> zero output, zero gradient, no NaN
+    _compare(backend, q, k, v, w, m)
+    out, grads = _run(backend, q, k, v, w, m, torch.ones_like(q))
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert (out[1] == 0).all() and (grads[0][1] == 0).all() and (grads[1][1] == 0).all() and (grads[3][1] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", _cases())
+def test_large_head_dim_shared_kv(device, backend):
+    """The projection-absorbed shape: all heads share one key/value head of width d = D > 128 (tiled)."""
+    q, k, v, w, m = _inputs(B=1, H=3, Hkv=1, Q=4, L=2, N=45, d=200, device=device, mask="bq")
+    _compare(backend, q, k, k, w, m, scale=0.1)
+
+
+@pytest.mark.parametrize("device,backend", _cases())
+def test_layer_list_and_non_contiguous_inputs(device, backend):
+    q, k, v, w, _ = _inputs(B=2, H=2, Hkv=2, Q=3, L=3, N=17, d=32, device=device)
+    ks = [k[:, :, i].clone() for i in range(3)]  # separately allocated layers: nothing stacked
+    vs = [v[:, :, i].clone() for i in range(3)]
+    grad = torch.randn_like(q)
+    ref, ref_grads = _reference(q, k, v, w, None, grad)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, *ks, *vs, w)]
+    with use_backend(backend):
+        out = query_fusion_attention(leaves[0], leaves[1:4], leaves[4:7], leaves[7])
+    grads = torch.autograd.grad(out, leaves, grad)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(torch.stack(grads[1:4], 2), ref_grads[1], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(torch.stack(grads[4:7], 2), ref_grads[2], rtol=2e-5, atol=2e-5)
+    # non-contiguous: q transposed in memory, k a head-split view of a projection, v strided in d
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kt = k.permute(0, 2, 3, 1, 4).contiguous().permute(0, 3, 1, 2, 4)
+    vt = torch.cat([v, v], -1)[..., ::2]
+    with use_backend(backend):
+        out = query_fusion_attention(qt, kt, vt, w)
+    torch.testing.assert_close(out, query_fusion_attention_reference(q, k, torch.cat([v, v], -1)[..., ::2], w),
+                               rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("device,backend", _cases())
+def test_zero_batch(device, backend):
+    q, k, v, w, _ = _inputs(B=0, device=device)
+    with use_backend(backend):
+        out = query_fusion_attention(q.requires_grad_(), k, v, None)
+    assert out.shape == q.shape
+    out.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.library: opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------------------
+def _op_args(device, dtype=torch.float32):
+    q, k, v, w, m = _inputs(B=2, H=2, Hkv=1, Q=3, L=2, N=19, d=32, dtype=dtype, device=device, mask="bq")
+    return q.requires_grad_(), [k.requires_grad_()], [v.requires_grad_()], w.requires_grad_(), m, 0.2
+
+
+@pytest.mark.parametrize("device,backend", _cases())
+def test_opcheck(device, backend):
+    name = "query_fusion_attention_triton" if backend == "triton" else "query_fusion_attention"
+    args = _op_args(device)
+    torch.library.opcheck(getattr(torch.ops.amfor, name).default, args)
+    q, k, v, w, m, scale = args
+    out, lse = getattr(torch.ops.amfor, name)(q, k, v, w, m, scale)
+    bwd = "query_fusion_attention_backward" + ("_triton" if backend == "triton" else "")
+    torch.library.opcheck(getattr(torch.ops.amfor, bwd).default,
+                          (torch.randn_like(out), q.detach(), [k[0].detach()], [v[0].detach()], w.detach(), m, scale,
+                           lse.detach()))
+
+
+@pytest.mark.parametrize("backend", ["torch", *[b for b in backends("cpu") if b in COMPILED]])
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    q, k, v, w, m = _inputs(B=2, H=2, Hkv=2, Q=3, L=2, N=19, d=32, mask="bq")
+
+    def fn(q, k, v, w):
+        with use_backend(backend):
+            return query_fusion_attention(q, k, v, w, m)
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    out = torch.compile(fn, fullgraph=True)(*leaves)
+    out.sum().backward()
+    ref = query_fusion_attention_reference(q, k, v, w, m)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------
+def _bad(**over):
+    q, k, v, w, m = _inputs(B=2, H=4, Hkv=2, Q=3, L=2, N=7, d=16, mask="bq")
+    args = dict(q=q, k=k, v=v, layer_weights=w, attn_mask=m)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over,error,match", [
+    (dict(q=torch.randn(2, 4, 16)), ValueError, "q must be"),
+    (dict(q=torch.randint(0, 3, (2, 4, 3, 16))), TypeError, "q must be float"),
+    (dict(k=torch.randn(2, 3, 2, 7, 16)), ValueError, "must divide"),
+    (dict(k=torch.randn(2, 2, 2, 7, 8)), ValueError, "k must have shape"),
+    (dict(v=torch.randn(2, 2, 2, 8, 16)), ValueError, "v must have shape|same heads"),
+    (dict(k=torch.randn(2, 2, 2, 7, 16, dtype=torch.float64)), TypeError, "k has dtype"),
+    (dict(k=[]), TypeError, "non-empty list"),
+    (dict(layer_weights=torch.rand(3)), ValueError, "layer_weights must be"),
+    (dict(attn_mask=torch.ones(2, 3, 2, 7)), TypeError, "attn_mask must be a bool"),
+    (dict(attn_mask=torch.ones(2, 2, 2, 7, dtype=torch.bool)), ValueError, "attn_mask must be"),
+    (dict(k=torch.randn(2, 2, 2, 7, 16, device="meta")), ValueError, "k is on meta"),
+])
+def test_bad_input(over, error, match):
+    with pytest.raises(error, match=match):
+        query_fusion_attention(**_bad(**over))
+
+
+@pytest.mark.parametrize("device,backend", _cases())
+def test_bad_input_for_kernels(device, backend):
+    q = torch.randn(1, 1, 2, 1100, device=device)
+    k = torch.randn(1, 1, 1, 3, 1100, device=device)
+    with use_backend(backend), pytest.raises(ValueError, match="head dims up to"):
+        query_fusion_attention(q, k, k)
+    if backend == "triton":
+        q, k = q[..., :16].double(), k[..., :16].double()
+        with use_backend(backend), pytest.raises(TypeError, match="float64"):
+            query_fusion_attention(q, k, k)
+
+
+def test_direct_op_call_checks_shapes():
+    if not (_backend.extension_status()[0] and hasattr(torch.ops.amfor, "query_fusion_attention")):
+        pytest.skip("amfor._C not built")
+    q, k, v, w, _ = _inputs(B=2, H=2, Hkv=2, Q=3, L=2, N=7, d=16)
+    with pytest.raises(RuntimeError, match="weights must be"):
+        torch.ops.amfor.query_fusion_attention(q, [k], [v], w[:, :, :1].contiguous(), None, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU only: compile, CUDA graphs, deterministic backward
+# ---------------------------------------------------------------------------------------------------------
+GPU_BACKENDS = [b for b in ("triton", "cuda") if torch.cuda.is_available() and b in backends("cuda")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_compile_graph_and_determinism(backend):
+    q, k, v, w, m = _inputs(B=4, H=12, Hkv=12, Q=10, L=4, N=211, d=64, dtype=torch.bfloat16, device="cuda", mask="bq")
+
+    def step(q, k, v, w):
+        with use_backend(backend):
+            return query_fusion_attention(q, k, v, w, m)
+
+    grad = torch.randn_like(q)
+    runs = [_run(backend, q, k, v, w, m, grad) for _ in range(2)]
+    for a, b in zip([runs[0][0], *runs[0][1]], [runs[1][0], *runs[1][1]], strict=True):
+        assert torch.equal(a, b), "backward is not bitwise deterministic"
+    compiled = torch.compile(step, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, w), runs[0][0])
+    static = [t.clone() for t in (q, k, v, w)]
+    step(*static)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(*static)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, runs[0][0])
