@@ -29,5 +29,19 @@ TORCH_LIBRARY(amfor, m) {
   m.def("query_fusion_attention_backward(Tensor grad_out, Tensor q, Tensor[] k, Tensor[] v, Tensor weights, "
         "Tensor? attn_mask, float scale, Tensor lse) -> (Tensor, Tensor, Tensor, Tensor)");
 
+  // ---- evaluation: amfor/evaluation/rank.py (CPU only; the GPU path is vectorised PyTorch) ----
+  // Per query (rows of dist [Q, G]): AP, 1-based rank of the first true match, INP, and whether it has a
+  // true match, under the Market-1501 protocol with stable-sort tie order.
+  m.def("rank_metrics(Tensor dist, Tensor q_pids, Tensor g_pids, Tensor q_camids, Tensor g_camids) "
+        "-> (Tensor ap, Tensor first, Tensor inp, Tensor valid)");
+
   // ---- distill_loss: amfor/ops/distill_loss.py ----
+  // student, teacher [G, B, C]; rows[g, b] = T^2 * KL(softmax(teacher[g, b] / T) || softmax(student[g, b] / T))
+  // (float32, float64 for float64 logits); loss = reduction ("batchmean" | "sum" | "none") of w[g] * rows[g, b];
+  // loss_rows = rows when weights is given (for its gradient), else empty. In the same launch, when asked,
+  // grad_student / grad_teacher = d sum(loss) / d logits in the logits dtype (empty [0] tensors otherwise):
+  // the backward only scales them by grad_output.
+  m.def("distill_kl_loss(Tensor student, Tensor teacher, float temperature, Tensor? weights, str reduction, "
+        "bool student_grad, bool teacher_grad) -> (Tensor loss, Tensor loss_rows, Tensor grad_student, "
+        "Tensor grad_teacher)");
 }

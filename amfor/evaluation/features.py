@@ -13,7 +13,7 @@ import torch
 
 from ._inputs import as_tensor, check_labels
 from .distances import pairwise_distance
-from .rank import match_ranks, query_metrics, summarize
+from .rank import per_query_metrics, summarize
 
 
 def flip_average(feat: torch.Tensor, feat_flipped: torch.Tensor,
@@ -73,7 +73,7 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric: str = 
     for s in range(0, qf.shape[0], chunk):
         sl = slice(s, s + chunk)
         dist = pairwise_distance(qf[sl], gf, metric, q_vis[sl] if q_vis is not None else None, g_vis)
-        ranks, counts = match_ranks(dist, labels[0][sl], labels[1], labels[2][sl], labels[3])
-        for acc, val in zip(results, query_metrics(ranks, counts), strict=True):
+        metrics = per_query_metrics(dist, labels[0][sl], labels[1], labels[2][sl], labels[3])
+        for acc, val in zip(results, metrics, strict=True):
             acc.append(val.cpu())
     return summarize(*(torch.cat(r) for r in results), max_rank, return_per_query)

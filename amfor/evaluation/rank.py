@@ -4,12 +4,18 @@ The rank of every true match is computed without sorting the gallery: the matche
 sorted (few per query), every kept gallery entry is bucketed among them with `searchsorted`, and a
 cumulative count gives how many kept entries precede each match. Ties are broken by gallery index,
 exactly as a stable sort of the distances would. Cost per query: O(G log M) for M matches.
+
+On the CPU the same algorithm runs as a C++ kernel (`torch.ops.amfor.rank_metrics`, csrc/cpu/rank_metrics.cpp,
+one thread per query, no Q x G temporaries) when amfor._C is built and the backend is auto or cpp; elsewhere
+(GPU tensors, `use_backend("torch")`) the vectorised PyTorch version below runs.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from amfor.ops._backend import available_backends, current_backend
 
 from ._inputs import check_labels, check_matrix
 
@@ -91,6 +97,21 @@ def query_metrics(ranks: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tens
     return ap, ranks[:, 0], inp, valid
 
 
+def _use_cpp(device: torch.device) -> bool:
+    return device.type == "cpu" and current_backend() in ("auto", "cpp") and "cpp" in available_backends("cpu")
+
+
+def per_query_metrics(dist: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, q_camids: torch.Tensor,
+                      g_camids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """AP (float64), first-match rank (int64), INP (float64) and validity (bool) of each query, all [C].
+
+    dist: [C, G] float; labels int64 [C] / [G]. The C++ kernel on CPU, else match_ranks + query_metrics.
+    """
+    if _use_cpp(dist.device):
+        return torch.ops.amfor.rank_metrics(dist, q_pids, g_pids, q_camids, g_camids)
+    return query_metrics(*match_ranks(dist, q_pids, g_pids, q_camids, g_camids))
+
+
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, chunk_size: int = 256,
                   return_per_query: bool = False) -> dict:
     """CMC, mAP and mINP under the Market-1501 protocol (see docs/data.md).
@@ -107,8 +128,8 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     aps, firsts, inps, valids = [], [], [], []
     for s in range(0, dist.shape[0], chunk_size):
         sl = slice(s, s + chunk_size)
-        ranks, counts = match_ranks(dist[sl], labels[0][sl], labels[1], labels[2][sl], labels[3])
-        for acc, val in zip((aps, firsts, inps, valids), query_metrics(ranks, counts), strict=True):
+        metrics = per_query_metrics(dist[sl], labels[0][sl], labels[1], labels[2][sl], labels[3])
+        for acc, val in zip((aps, firsts, inps, valids), metrics, strict=True):
             acc.append(val.cpu())
     return summarize(torch.cat(aps), torch.cat(firsts), torch.cat(inps), torch.cat(valids), max_rank,
                      return_per_query)

@@ -12,6 +12,7 @@ from amfor.ops._backend import (
     use_backend,
     warn_once_if_extension_missing,
 )
+from amfor.ops.distill_loss import distill_kl_loss
 from amfor.ops.masked_patches import masked_gather, masked_scatter, random_masking
 from amfor.ops.query_fusion import query_fusion_attention
 
@@ -21,6 +22,7 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "current_backend",
+    "distill_kl_loss",
     "masked_gather",
     "masked_scatter",
     "query_fusion_attention",

@@ -7,6 +7,16 @@ import pytest
 import torch
 
 from amfor.evaluation import evaluate_features, evaluate_rank, evaluate_rank_classic
+from amfor.ops import available_backends, use_backend
+
+
+@pytest.fixture(params=["cpp", "torch"], autouse=True)
+def rank_backend(request):
+    """Every test runs the C++ CPU kernel (torch.ops.amfor.rank_metrics) and the vectorised PyTorch version."""
+    if request.param not in available_backends("cpu"):
+        pytest.skip(f"{request.param} is not available here")
+    with use_backend(request.param):
+        yield request.param
 
 
 def random_problem(rng, nq, ng, npid=6, ncam=3, ties=False):
@@ -112,3 +122,15 @@ def test_evaluate_features_part_features_and_bad_shapes():
                 evaluate_rank(part_distance(qf, gf, qv, gv), *ids))
     with pytest.raises(ValueError, match="qf and gf"):
         evaluate_features(qf, gf[:, 0], *ids)
+
+
+def test_rank_metrics_op_schema_and_bad_labels(rank_backend):
+    if rank_backend != "cpp":
+        pytest.skip("checks the C++ op")
+    d = torch.rand(3, 7)
+    pids = torch.tensor([1, 2, 3]), torch.tensor([1, 1, 2, 2, 3, 3, 0])
+    cams = torch.tensor([0, 0, 0]), torch.tensor([0, 1, 0, 1, 0, 1, 1])
+    ap, first, inp, valid = torch.ops.amfor.rank_metrics(d, pids[0], pids[1], cams[0], cams[1])
+    assert ap.dtype == torch.float64 and first.dtype == torch.int64 and valid.tolist() == [True, True, True]
+    with pytest.raises(RuntimeError, match="g_pids must be int64 of length 7"):
+        torch.ops.amfor.rank_metrics(d, pids[0], pids[1][:6], cams[0], cams[1])
