@@ -60,3 +60,36 @@ def test_auto_prefers_the_measured_order():
         expected = "cpp" if "cpp" in available_backends("cpu") else "torch"
         assert _backend.resolve("op", torch.device("cpu"), order) == expected
         assert _backend.resolve("op", torch.device("meta"), order) == "torch"
+
+
+def test_without_the_extension_amfor_imports_warns_once_and_falls_back():
+    """A missing or broken amfor._C: import works, one warning says why, auto runs the reference."""
+    code = """
+import sys, warnings
+sys.modules["amfor._C"] = None  # makes `import amfor._C` fail, as a missing build would
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch
+    import amfor.ops, amfor.evaluation, amfor.nn, amfor.losses
+messages = [str(w.message) for w in caught if "amfor" in str(w.message)]
+assert len(messages) == 1 and "cpp and cuda backends are unavailable" in messages[0], messages
+assert "cpp" not in amfor.ops.available_backends("cpu")
+x, index = torch.randn(2, 5, 3), torch.tensor([[0, 4], [1, 2]])
+torch.testing.assert_close(amfor.ops.masked_gather(x, index), x.gather(1, index[:, :, None].expand(-1, -1, 3)))
+try:
+    with amfor.ops.use_backend("cpp"):
+        amfor.ops.masked_gather(x, index)
+except RuntimeError as exc:
+    assert "amfor._C failed to load" in str(exc), exc
+else:
+    raise AssertionError("forcing cpp without the extension must fail")
+res = amfor.evaluation.evaluate_rank(torch.rand(2, 4), [1, 2], [1, 2, 1, 2], [0, 0], [1, 1, 1, 1])
+assert res["num_valid_queries"] == 2
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("AMFOR_BACKEND", "TRITON_INTERPRET")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
