@@ -4,10 +4,19 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <type_traits>
+
 #include "../common.h"
 
 namespace amfor {
 namespace {
+
+// out = a + b over D floats, compiled for AVX-512, AVX2 and the baseline ISA and chosen at load time, so a
+// portable build still runs at the machine's vector width (the row add is the kernel's only arithmetic).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void add_rows_f32(float* out, const float* a, const float* b, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) out[d] = a[d] + b[d];
+}
 
 // out[r, :] = (src_row >= 0 ? src[src_row, :] : fill) + (pos ? pos[pos_row, :] : 0), all rows of length D.
 template <typename scalar_t>
@@ -18,7 +27,10 @@ inline void write_row(scalar_t* out, const scalar_t* src, const scalar_t* fill, 
     std::copy(base, base + D, out);
     return;
   }
-  // A plain loop: the compiler vectorises it for the baseline ISA (at::vec without CPU_CAPABILITY flags is slower).
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    add_rows_f32(out, base, pos, D);
+    return;
+  }
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(static_cast<acc_t>(base[d]) + static_cast<acc_t>(pos[d]));
 }
 
