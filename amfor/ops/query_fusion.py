@@ -232,7 +232,8 @@ def _fake_backward(grad_out, q, k, v, weights, attn_mask, scale, lse):
 def _setup(ctx, inputs, output):
     q, k, v, weights, attn_mask, scale = inputs
     ctx.mark_non_differentiable(output[1])
-    ctx.scale, ctx.num_k, ctx.stacked = scale, len(k), len(k) == 1 and k[0].dim() == 5
+    ctx.scale, ctx.num_k = scale, len(k)
+    ctx.k_stacked, ctx.v_stacked = (len(t) == 1 and t[0].dim() == 5 for t in (k, v))  # each in the form it came
     ctx.has_mask = attn_mask is not None
     extra = [attn_mask] if attn_mask is not None else []
     ctx.save_for_backward(q, weights, output[1], *extra, *k, *v)
@@ -249,9 +250,9 @@ def _register(forward_name: str, backward_name: str):
         mask = rest.pop(0) if ctx.has_mask else None
         k, v = rest[:ctx.num_k], rest[ctx.num_k:]
         dq, dk, dv, dw = backward_op(grad_out.contiguous(), q, k, v, weights, mask, ctx.scale, lse)
-        if ctx.stacked:
-            return dq, [dk], [dv], dw, None, None
-        return dq, list(dk.unbind(2)), list(dv.unbind(2)), dw, None, None
+        dks = [dk] if ctx.k_stacked else list(dk.unbind(2))
+        dvs = [dv] if ctx.v_stacked else list(dv.unbind(2))
+        return dq, dks, dvs, dw, None, None
 
     torch.library.register_autograd(forward_name, backward, setup_context=_setup)
     return _backend.op(forward_name)
@@ -285,7 +286,7 @@ def query_fusion_attention(q: torch.Tensor, k: KV, v: KV, layer_weights: torch.T
         raise ValueError(f"the {backend} kernels support head dims up to {MAX_HEAD_DIM}, got d = {d}")
     if backend == "triton" and q.dtype == torch.float64:
         raise TypeError("the triton backend supports float32, float16 and bfloat16, got float64")
-    if backend == "cuda" and not isinstance(k, torch.Tensor) and L > MAX_LAYERS:
+    if backend == "cuda" and L > MAX_LAYERS:
         raise ValueError(f"the cuda backend takes at most {MAX_LAYERS} separate layer tensors, got {L}")
     weights = broadcast_layer_weights(layer_weights, B, Q, L, torch.promote_types(q.dtype, torch.float32), q.device)
     mask = attn_mask.contiguous() if attn_mask is not None else None

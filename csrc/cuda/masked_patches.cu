@@ -38,8 +38,9 @@ __global__ void gather_rows_kernel(scalar_t* __restrict__ out,           // [B, 
   const offset_t row = static_cast<offset_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   if (row >= total_rows) return;
   const offset_t b = row / R, r = row % R;
-  const offset_t s = static_cast<offset_t>(rows[row]);
-  const bool has_src = s >= 0 && s < S;
+  const index_t raw = rows[row];  // range-checked before narrowing to offset_t
+  const bool has_src = raw >= 0 && static_cast<int64_t>(raw) < static_cast<int64_t>(S);
+  const offset_t s = has_src ? static_cast<offset_t>(raw) : offset_t(-1);
   const scalar_t* in = has_src ? src + (b * S + s) * D : fill;
   const scalar_t* p = pos == nullptr ? nullptr : pos + (pos_by_output ? r : s) * D;
   const bool pos_ok = p != nullptr && (pos_by_output || has_src);
@@ -102,9 +103,10 @@ int vector_width(int64_t D, std::initializer_list<const void*> ptrs) {
   return vec;
 }
 
+// Whether int32 offsets are safe: every size, with a margin for the last block's rows and vector steps.
 bool fits_int32(std::initializer_list<int64_t> sizes) {
   for (int64_t s : sizes) {
-    if (s >= std::numeric_limits<int32_t>::max()) return false;
+    if (s > std::numeric_limits<int32_t>::max() - 4096) return false;
   }
   return true;
 }
@@ -152,7 +154,7 @@ void launch_segment_sum(const at::Tensor& grad, const at::Tensor& perm, const at
 template <typename scalar_t>
 void segment_sum(const at::Tensor& grad, const at::Tensor& perm, const at::Tensor& starts, at::Tensor& out) {
   const int vec = vector_width<scalar_t>(out.size(2), {grad.data_ptr(), out.data_ptr()});
-  const bool small = fits_int32({grad.numel(), out.numel()});
+  const bool small = fits_int32({grad.numel(), out.numel(), starts.numel()});
   constexpr int kVec = 16 / sizeof(scalar_t);
   if (small && vec == kVec) return launch_segment_sum<scalar_t, int32_t, kVec>(grad, perm, starts, out);
   if (small) return launch_segment_sum<scalar_t, int32_t, 1>(grad, perm, starts, out);

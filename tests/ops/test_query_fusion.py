@@ -184,6 +184,27 @@ def test_layer_list_and_non_contiguous_inputs(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", _cases())
+def test_keys_stacked_values_listed_and_the_reverse(device, backend):
+    """k and v may come in different forms; each gradient comes back in its input's form."""
+    q, k, v, w, _ = _inputs(B=2, H=2, Hkv=1, Q=3, L=2, N=11, d=32, device=device)
+    grad = torch.randn_like(q)
+    ref, ref_grads = _reference(q, k, v, w, None, grad)
+    for k_listed in (False, True):
+        kk = [k[:, :, i].clone().requires_grad_() for i in range(2)] if k_listed else k.clone().requires_grad_()
+        vv = v.clone().requires_grad_() if k_listed else [v[:, :, i].clone().requires_grad_() for i in range(2)]
+        k_leaves = kk if k_listed else [kk]
+        v_leaves = [vv] if k_listed else vv
+        with use_backend(backend):
+            out = query_fusion_attention(q, kk, vv, w)
+        grads = torch.autograd.grad(out, [*k_leaves, *v_leaves], grad)
+        dk = torch.stack(grads[:2], 2) if k_listed else grads[0]
+        dv = grads[-1] if k_listed else torch.stack(grads[1:], 2)
+        torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(dk, ref_grads[1], rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(dv, ref_grads[2], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("device,backend", _cases())
 def test_zero_batch(device, backend):
     q, k, v, w, _ = _inputs(B=0, device=device)
     with use_backend(backend):
