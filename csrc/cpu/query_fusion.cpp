@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -39,8 +40,9 @@ Problem problem(const at::Tensor& q, const LayerView& k, const std::optional<at:
   return {q.size(0), q.size(1), q.size(2), q.size(3), q.size(1) / k.Hkv, k.Hkv, k.L, k.N, Qm, m, scale};
 }
 
+// Dot product with 8 partial sums (a fixed order: results do not depend on the thread count).
 template <typename scalar_t, typename acc_t>
-inline acc_t dot(const acc_t* a, const scalar_t* b, int64_t d) {
+inline acc_t dot_generic(const acc_t* a, const scalar_t* b, int64_t d) {
   acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= d; i += 8) {
@@ -50,8 +52,30 @@ inline acc_t dot(const acc_t* a, const scalar_t* b, int64_t d) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
+// float32 versions compiled for AVX-512, AVX2 and the baseline ISA, chosen at load time: the inner loops of
+// every kernel below are these two, and a portable build would otherwise run them at SSE2 width.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float dot_f32(const float* a, const float* b, int64_t d) {
+  return dot_generic<float, float>(a, b, d);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void axpy_f32(float* y, float a, const float* x, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) y[i] += a * x[i];
+}
+
+template <typename scalar_t, typename acc_t>
+inline acc_t dot(const acc_t* a, const scalar_t* b, int64_t d) {
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) return dot_f32(a, b, d);
+  return dot_generic<scalar_t, acc_t>(a, b, d);
+}
+
 template <typename scalar_t, typename acc_t>
 inline void axpy(acc_t* y, acc_t a, const scalar_t* x, int64_t d) {
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    axpy_f32(y, a, x, d);
+    return;
+  }
   for (int64_t i = 0; i < d; ++i) y[i] += a * static_cast<acc_t>(x[i]);
 }
 
