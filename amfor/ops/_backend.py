@@ -128,17 +128,21 @@ def use_backend(name: str) -> Iterator[str]:
 
 
 @torch.compiler.assume_constant_result
-def resolve(op: str, device: torch.device, auto_order: Mapping[str, Sequence[str]]) -> str:
+def resolve(op: str, device: torch.device, auto_order: Mapping[str, Sequence[str]],
+            dtype: torch.dtype | None = None) -> str:
     """The concrete backend for `op` on `device`; a clear error when a forced one cannot run there.
 
+    auto_order maps a device type ("cpu", "cuda"), or a device type and dtype ("cpu:float32"), which takes
+    precedence for that dtype, to the op's implementations from fastest to slowest, as measured.
     Under torch.compile the choice is made once, at trace time.
-
-    auto_order maps a device type to the op's implementations from fastest to slowest, as measured.
     """
     name = current_backend()
     missing = unavailable_reasons(device)
     if name == "auto":
-        for candidate in auto_order.get(device.type, ()):
+        order = auto_order.get(device.type, ())
+        if dtype is not None:
+            order = auto_order.get(f"{device.type}:{str(dtype).removeprefix('torch.')}", order)
+        for candidate in order:
             if candidate not in missing:
                 return candidate
         return "torch"

@@ -1,9 +1,11 @@
 // C++ CPU kernels of query_fusion_attention (see amfor/ops/query_fusion.py for the semantics).
 //
-// Forward: one thread owns a query row (b, h, q) and streams the keys/values of every layer past it
-// (softmax per layer in acc_t, the layer-weighted sum in acc_t). Backward: the rows' pass writes dq and
-// t[b, h, q, l] = dout . o_l (the layer-weight gradient); the tokens' pass gives each (b, h', l, n) to one
-// thread, which sums over the heads of its group and the queries in a fixed order: deterministic, no atomics.
+// float32 (forward_f32, backward_f32): blocked. Up to 16 rows (head, query) of one key/value head group
+// against all tokens of a layer as a token-major score tile, so each key/value row read serves all rows of
+// the block; vectorised exp; backward per (b, h') or (b, h', l) unit writing dq, dk, dv, t without
+// cross-thread reductions. Other dtypes (forward_kernel, dq_kernel, dkdv_kernel): one thread per query row
+// streams the keys/values (forward, dq/t); the tokens' pass gives each (b, h', l, n) to one thread, which
+// sums over its group's heads and the queries in a fixed order. All paths deterministic, no atomics.
 // Keys/values arrive as [one tensor [B, Hkv, L, N, d]] or L layer tensors [B, Hkv, N, d] sharing strides.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -52,30 +54,13 @@ inline acc_t dot_generic(const acc_t* a, const scalar_t* b, int64_t d) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
-// float32 versions compiled for AVX-512, AVX2 and the baseline ISA, chosen at load time: the inner loops of
-// every kernel below are these two, and a portable build would otherwise run them at SSE2 width.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-float dot_f32(const float* a, const float* b, int64_t d) {
-  return dot_generic<float, float>(a, b, d);
-}
-
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void axpy_f32(float* y, float a, const float* x, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) y[i] += a * x[i];
-}
-
 template <typename scalar_t, typename acc_t>
 inline acc_t dot(const acc_t* a, const scalar_t* b, int64_t d) {
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) return dot_f32(a, b, d);
   return dot_generic<scalar_t, acc_t>(a, b, d);
 }
 
 template <typename scalar_t, typename acc_t>
 inline void axpy(acc_t* y, acc_t a, const scalar_t* x, int64_t d) {
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-    axpy_f32(y, a, x, d);
-    return;
-  }
   for (int64_t i = 0; i < d; ++i) y[i] += a * static_cast<acc_t>(x[i]);
 }
 
@@ -210,6 +195,323 @@ void dkdv_kernel(const Problem& P, const at::Tensor& grad, const at::Tensor& q, 
   });
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// float32: blocked kernels. A block is up to RB = 16 rows (head, query) of one key/value head group; the
+// scores of the block against all N tokens of a layer are a [N][RB] tile (token-major, the rows of a token
+// in one vector), so every key/value token row read is used by all rows of the block at once. The helpers
+// use GCC vector extensions (v16 = 16 floats): one zmm in the AVX-512 clone, two ymm in the AVX2 clone.
+// Summation orders are fixed by the loops (never by the thread count): deterministic.
+// ---------------------------------------------------------------------------------------------------------
+constexpr int64_t RB = 16;
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+
+__attribute__((always_inline)) inline v16 load16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+__attribute__((always_inline)) inline void store16(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+__attribute__((always_inline)) inline v16 splat16(float x) { return v16{} + x; }
+
+// exp of a float vector (Cephes expf polynomial, ~1 ulp); arguments below -87.3 (and -inf) give exactly 0.
+__attribute__((always_inline)) inline v16 vexp16(v16 x) {
+  const v16 lo = splat16(-87.3f);
+  const v16 xc = x < lo ? lo : x;
+  const v16 magic = splat16(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const v16 n = (xc * 1.44269504088896341f + magic) - magic;
+  v16 r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v16 y = splat16(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
+  y = y * (v16)bits;
+  return x < lo ? v16{} : y;
+}
+
+// S[n][j] = scale * sum_i Qt[i][j] * K[n, i] for n < N (Qt: [d][RB], the block's rows transposed, zero padded).
+// The sum runs over chunks of 64 head-dim columns, the chunk sums added in order (accuracy for d up to 1024).
+constexpr int64_t DCHUNK = 64;
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void scores16(float* S, const float* Qt, const float* K, int64_t sk, int64_t N, int64_t d, float scale) {
+  int64_t n = 0;
+  for (; n + 8 <= N; n += 8) {
+    const float* k0 = K + n * sk;
+    v16 t[8];
+    for (int64_t i0 = 0; i0 < d; i0 += DCHUNK) {
+      const int64_t i1 = std::min(d, i0 + DCHUNK);
+      v16 a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{};
+      for (int64_t i = i0; i < i1; ++i) {
+        const v16 qv = load16(Qt + i * RB);
+        a0 += k0[i] * qv;
+        a1 += k0[sk + i] * qv;
+        a2 += k0[2 * sk + i] * qv;
+        a3 += k0[3 * sk + i] * qv;
+        a4 += k0[4 * sk + i] * qv;
+        a5 += k0[5 * sk + i] * qv;
+        a6 += k0[6 * sk + i] * qv;
+        a7 += k0[7 * sk + i] * qv;
+      }
+      if (i0 == 0) {
+        t[0] = a0, t[1] = a1, t[2] = a2, t[3] = a3, t[4] = a4, t[5] = a5, t[6] = a6, t[7] = a7;
+      } else {
+        t[0] += a0, t[1] += a1, t[2] += a2, t[3] += a3, t[4] += a4, t[5] += a5, t[6] += a6, t[7] += a7;
+      }
+    }
+    if (d == 0) {
+      for (auto& x : t) x = v16{};
+    }
+    for (int64_t j = 0; j < 8; ++j) store16(S + (n + j) * RB, t[j] * scale);
+  }
+  for (; n < N; ++n) {
+    const float* k0 = K + n * sk;
+    v16 t{};
+    for (int64_t i0 = 0; i0 < d; i0 += DCHUNK) {
+      const int64_t i1 = std::min(d, i0 + DCHUNK);
+      v16 a0{};
+      for (int64_t i = i0; i < i1; ++i) a0 += k0[i] * load16(Qt + i * RB);
+      t = i0 == 0 ? a0 : t + a0;
+    }
+    store16(S + n * RB, t * scale);
+  }
+}
+
+// O[j][c] (+)= sum_n P[n][j] * V[n, c] for j < RB, c < d (O: [RB][ldo]).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void pv16(float* O, int64_t ldo, const float* P, const float* V, int64_t sv, int64_t N, int64_t d, bool accumulate) {
+  int64_t c = 0;
+  for (; c + 16 <= d; c += 16) {
+    v16 a[RB];
+    for (int64_t j = 0; j < RB; ++j) a[j] = accumulate ? load16(O + j * ldo + c) : v16{};
+    for (int64_t n = 0; n < N; ++n) {
+      const v16 vv = load16(V + n * sv + c);
+      const float* p = P + n * RB;
+      for (int64_t j = 0; j < RB; ++j) a[j] += p[j] * vv;
+    }
+    for (int64_t j = 0; j < RB; ++j) store16(O + j * ldo + c, a[j]);
+  }
+  for (; c < d; ++c) {  // tail columns (d % 16)
+    v16 a = v16{};
+    if (accumulate) {
+      for (int64_t j = 0; j < RB; ++j) a[j] = O[j * ldo + c];
+    }
+    for (int64_t n = 0; n < N; ++n) a += V[n * sv + c] * load16(P + n * RB);
+    for (int64_t j = 0; j < RB; ++j) O[j * ldo + c] = a[j];
+  }
+}
+
+// D[n, c] (+)= sum_j A[n][j] * R[j][c] for n < N, c < d (A: [N][RB]; R: [RB][d], zero padded rows).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void outer16(float* D, int64_t ldd, const float* A, const float* R, int64_t N, int64_t d, bool accumulate) {
+  int64_t c = 0;
+  for (; c + 16 <= d; c += 16) {
+    int64_t n = 0;
+    for (; n + 8 <= N; n += 8) {  // 8 independent accumulation chains
+      v16 a[8];
+      for (int64_t t = 0; t < 8; ++t) a[t] = accumulate ? load16(D + (n + t) * ldd + c) : v16{};
+      const float* p = A + n * RB;
+      for (int64_t j = 0; j < RB; ++j) {
+        const v16 rv = load16(R + j * d + c);
+        for (int64_t t = 0; t < 8; ++t) a[t] += p[t * RB + j] * rv;
+      }
+      for (int64_t t = 0; t < 8; ++t) store16(D + (n + t) * ldd + c, a[t]);
+    }
+    for (; n < N; ++n) {
+      v16 a0 = accumulate ? load16(D + n * ldd + c) : v16{};
+      for (int64_t j = 0; j < RB; ++j) a0 += A[n * RB + j] * load16(R + j * d + c);
+      store16(D + n * ldd + c, a0);
+    }
+  }
+  for (; c < d; ++c) {
+    for (int64_t n = 0; n < N; ++n) {
+      float a = accumulate ? D[n * ldd + c] : 0.0f;
+      for (int64_t j = 0; j < RB; ++j) a += A[n * RB + j] * R[j * d + c];
+      D[n * ldd + c] = a;
+    }
+  }
+}
+
+// Forward softmax of a [N][RB] tile of scaled scores in place: m = row max, P = exp(S - m), sum = row sums.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void softmax16(float* S, int64_t N, float* m_out, float* sum_out) {
+  v16 m = splat16(-std::numeric_limits<float>::infinity());
+  for (int64_t n = 0; n < N; ++n) {
+    const v16 s = load16(S + n * RB);
+    m = s > m ? s : m;
+  }
+  const v16 msafe = m == splat16(-std::numeric_limits<float>::infinity()) ? v16{} : m;
+  v16 sum{};
+  for (int64_t n = 0; n < N; ++n) {
+    const v16 p = vexp16(load16(S + n * RB) - msafe);
+    store16(S + n * RB, p);
+    sum += p;
+  }
+  store16(m_out, m);
+  store16(sum_out, sum);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void scale16(float* S, int64_t N, const float* coef) {
+  const v16 c = load16(coef);
+  for (int64_t n = 0; n < N; ++n) store16(S + n * RB, load16(S + n * RB) * c);
+}
+
+// Backward of a [N][RB] tile: S (scaled scores) -> dS = w P (dP - t), dP -> w P, with P = exp(S - lse)
+// (lse = +inf for rows without probabilities); t = sum_n P dP (in token order) to t_out.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void backward16(float* S, float* dP, int64_t N, const float* lse, const float* w, float* t_out) {
+  const v16 l = load16(lse), wv = load16(w);
+  v16 t{};
+  for (int64_t n = 0; n < N; ++n) {
+    const v16 p = vexp16(load16(S + n * RB) - l);
+    store16(S + n * RB, p);
+    t += p * load16(dP + n * RB);
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const v16 wp = wv * load16(S + n * RB);
+    store16(S + n * RB, wp * (load16(dP + n * RB) - t));
+    store16(dP + n * RB, wp);
+  }
+  store16(t_out, t);
+}
+
+// Set S[n][j] = value where token n is masked for row j of the block (rows r0 + j of the group, j < R).
+void apply_mask16(const Problem& P, float* S, int64_t b, int64_t l, int64_t r0, int64_t R, float value) {
+  if (P.mask == nullptr) return;
+  for (int64_t j = 0; j < R; ++j) {
+    const bool* mrow = P.mask_row(b, (r0 + j) % P.Q, l);
+    for (int64_t n = 0; n < P.N; ++n) {
+      if (!mrow[n]) S[n * RB + j] = value;
+    }
+  }
+}
+
+// Rows [r0, r0 + R) of the group starting at src (row stride d), transposed to [d][RB], zero padded.
+void transpose_rows(float* dst, const float* src, int64_t R, int64_t d) {
+  std::fill(dst, dst + d * RB, 0.0f);
+  for (int64_t j = 0; j < R; ++j) {
+    for (int64_t i = 0; i < d; ++i) dst[i * RB + j] = src[j * d + i];
+  }
+}
+
+void forward_f32(const Problem& P, const at::Tensor& q, const LayerView& k, const LayerView& v,
+                 const at::Tensor& weights, at::Tensor& out, at::Tensor& lse) {
+  const float* qp = q.data_ptr<float>();
+  const float* wp = weights.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const int64_t d = P.d, N = P.N, L = P.L, GQ = P.G * P.Q, nblk = (GQ + RB - 1) / RB;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, P.B * P.Hkv * nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qt(d * RB), S(N * RB), O(RB * d);
+    alignas(64) float m[RB], sum[RB], coef[RB];
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t blk = unit % nblk, hk = (unit / nblk) % P.Hkv, b = unit / (nblk * P.Hkv);
+      const int64_t r0 = blk * RB, R = std::min(RB, GQ - r0);
+      const int64_t row0 = (b * P.H + hk * P.G) * P.Q + r0;  // global row of the block's first row
+      transpose_rows(qt.data(), qp + row0 * d, R, d);
+      for (int64_t l = 0; l < L; ++l) {
+        const float* kb = static_cast<const float*>(k.ptr[l]) + b * k.sb + hk * k.sh;
+        const float* vb = static_cast<const float*>(v.ptr[l]) + b * v.sb + hk * v.sh;
+        scores16(S.data(), qt.data(), kb, k.sn, N, d, static_cast<float>(P.scale));
+        apply_mask16(P, S.data(), b, l, r0, R, neg_inf);
+        softmax16(S.data(), N, m, sum);
+        for (int64_t j = 0; j < RB; ++j) {
+          const bool live = j < R && m[j] != neg_inf;
+          if (j < R) lp[(row0 + j) * L + l] = live ? m[j] + std::log(sum[j]) : neg_inf;
+          coef[j] = live ? wp[(b * P.Q + (r0 + j) % P.Q) * L + l] / sum[j] : 0.0f;
+        }
+        scale16(S.data(), N, coef);
+        pv16(O.data(), d, S.data(), vb, v.sn, N, d, l > 0);
+      }
+      std::copy(O.begin(), O.begin() + R * d, op + row0 * d);
+    }
+  });
+}
+
+void backward_f32(const Problem& P, const at::Tensor& grad, const at::Tensor& q, const LayerView& k,
+                  const LayerView& v, const at::Tensor& weights, const at::Tensor& lse, at::Tensor& dq, at::Tensor& t,
+                  at::Tensor& dk, at::Tensor& dv) {
+  const float *gp = grad.data_ptr<float>(), *qp = q.data_ptr<float>();
+  const float *wp = weights.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  float *dqp = dq.data_ptr<float>(), *tp = t.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const int64_t d = P.d, N = P.N, L = P.L, GQ = P.G * P.Q, nblk = (GQ + RB - 1) / RB;
+  const float scale = static_cast<float>(P.scale), inf = std::numeric_limits<float>::infinity();
+  // A work unit owns whole output elements. With many (b, h') it is one (b, h') (all layers; dq summed over
+  // the layers in the unit); with few, one (b, h', l), and dq's per-layer parts go to a buffer
+  // [B, H, Q, L, d] summed over l afterwards. Either way every element sees the same operations in the
+  // same order (dq = scale * (((0 + C_0) + C_1) + ...), dk/dv over the row blocks in order): the results
+  // are bitwise the same whichever mode and thread count.
+  const bool per_layer = P.B * P.Hkv < 4 * static_cast<int64_t>(at::get_num_threads());
+  std::vector<float> part(per_layer ? static_cast<size_t>(P.B * P.H * P.Q * L * d) : 0);
+  const int64_t units = P.B * P.Hkv * (per_layer ? L : 1);
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qt(d * RB), gt(d * RB), qr(RB * d), gr(RB * d), S(N * RB), dP(N * RB), C(RB * d), acc(RB * d);
+    alignas(64) float lse16[RB], w16[RB], t16[RB];
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t l0 = per_layer ? unit % L : 0, l1 = per_layer ? l0 + 1 : L;
+      const int64_t bh = per_layer ? unit / L : unit, hk = bh % P.Hkv, b = bh / P.Hkv;
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t r0 = blk * RB, R = std::min(RB, GQ - r0);
+        const int64_t row0 = (b * P.H + hk * P.G) * P.Q + r0;
+        transpose_rows(qt.data(), qp + row0 * d, R, d);
+        transpose_rows(gt.data(), gp + row0 * d, R, d);
+        std::fill(qr.begin() + R * d, qr.end(), 0.0f);
+        std::fill(gr.begin() + R * d, gr.end(), 0.0f);
+        std::copy(qp + row0 * d, qp + (row0 + R) * d, qr.begin());
+        std::copy(gp + row0 * d, gp + (row0 + R) * d, gr.begin());
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t l = l0; l < l1; ++l) {
+          const float* kb = static_cast<const float*>(k.ptr[l]) + b * k.sb + hk * k.sh;
+          const float* vb = static_cast<const float*>(v.ptr[l]) + b * v.sb + hk * v.sh;
+          float* dkb = dkp + ((b * P.Hkv + hk) * L + l) * N * d;
+          float* dvb = dvp + ((b * P.Hkv + hk) * L + l) * N * d;
+          for (int64_t j = 0; j < RB; ++j) {
+            const float ls = j < R ? lp[(row0 + j) * L + l] : -inf;
+            lse16[j] = std::isinf(ls) ? inf : ls;  // no probabilities: exp(x - inf) = 0
+            w16[j] = j < R ? wp[(b * P.Q + (r0 + j) % P.Q) * L + l] : 0.0f;
+          }
+          scores16(S.data(), qt.data(), kb, k.sn, N, d, scale);
+          apply_mask16(P, S.data(), b, l, r0, R, -inf);
+          scores16(dP.data(), gt.data(), vb, v.sn, N, d, 1.0f);
+          backward16(S.data(), dP.data(), N, lse16, w16, t16);  // S <- dS, dP <- w P
+          for (int64_t j = 0; j < R; ++j) tp[(row0 + j) * L + l] = t16[j];
+          pv16(C.data(), d, S.data(), kb, k.sn, N, d, false);  // this layer's part of dq / scale
+          if (per_layer) {
+            for (int64_t j = 0; j < R; ++j) {
+              std::copy(C.begin() + j * d, C.begin() + (j + 1) * d, part.begin() + ((row0 + j) * L + l) * d);
+            }
+          } else {
+            for (int64_t i = 0; i < R * d; ++i) acc[i] += C[i];
+          }
+          outer16(dkb, d, S.data(), qr.data(), N, d, blk > 0);
+          outer16(dvb, d, dP.data(), gr.data(), N, d, blk > 0);
+          if (blk == nblk - 1 && scale != 1.0f) {
+            for (int64_t i = 0; i < N * d; ++i) dkb[i] *= scale;
+          }
+        }
+        if (!per_layer) {
+          for (int64_t i = 0; i < R * d; ++i) dqp[row0 * d + i] = acc[i] * scale;
+        }
+      }
+    }
+  });
+  if (!per_layer) return;
+  at::parallel_for(0, P.B * P.H * P.Q, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      float* dst = dqp + row * d;
+      std::fill(dst, dst + d, 0.0f);
+      for (int64_t l = 0; l < L; ++l) {
+        const float* src = part.data() + (row * L + l) * d;
+        for (int64_t i = 0; i < d; ++i) dst[i] += src[i];
+      }
+      for (int64_t i = 0; i < d; ++i) dst[i] *= scale;
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> query_fusion_attention_cpu(const at::Tensor& q, at::TensorList k, at::TensorList v,
                                                               const at::Tensor& weights,
                                                               const std::optional<at::Tensor>& attn_mask, double scale) {
@@ -222,7 +524,11 @@ std::tuple<at::Tensor, at::Tensor> query_fusion_attention_cpu(const at::Tensor& 
   auto lse = at::empty({P.B, P.H, P.Q, P.L}, weights.options());
   if (out.numel() == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "query_fusion_attention_cpu", [&] {
-    forward_kernel<scalar_t>(P, q, kv, vv, weights, out, lse);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      forward_f32(P, q, kv, vv, weights, out, lse);
+    } else {
+      forward_kernel<scalar_t>(P, q, kv, vv, weights, out, lse);
+    }
   });
   return {out, lse};
 }
@@ -245,8 +551,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> query_fusion_attentio
   auto t = at::zeros({P.B, P.H, P.Q, P.L}, weights.options());
   if (q.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "query_fusion_attention_backward_cpu", [&] {
-      dq_kernel<scalar_t>(P, grad_out, q, kv, vv, weights, lse, dq, t);
-      if (dk.numel() > 0) dkdv_kernel<scalar_t>(P, grad_out, q, kv, vv, weights, lse, t, dk, dv);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        backward_f32(P, grad_out, q, kv, vv, weights, lse, dq, t, dk, dv);
+      } else {
+        dq_kernel<scalar_t>(P, grad_out, q, kv, vv, weights, lse, dq, t);
+        if (dk.numel() > 0) dkdv_kernel<scalar_t>(P, grad_out, q, kv, vv, weights, lse, t, dk, dv);
+      }
     });
   } else {
     dk.zero_();

@@ -60,6 +60,10 @@ def test_auto_prefers_the_measured_order():
         expected = "cpp" if "cpp" in available_backends("cpu") else "torch"
         assert _backend.resolve("op", torch.device("cpu"), order) == expected
         assert _backend.resolve("op", torch.device("meta"), order) == "torch"
+        by_dtype = {"cpu:float32": ("cpp",), "cpu": ()}
+        assert _backend.resolve("op", torch.device("cpu"), by_dtype, torch.float32) == expected
+        assert _backend.resolve("op", torch.device("cpu"), by_dtype, torch.bfloat16) == "torch"
+        assert _backend.resolve("op", torch.device("cpu"), by_dtype) == "torch"
 
 
 def test_without_the_extension_amfor_imports_warns_once_and_falls_back():
