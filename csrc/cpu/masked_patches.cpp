@@ -6,7 +6,7 @@
 
 #include <type_traits>
 
-#include "../common.h"
+#include "../masked_patches.h"
 
 namespace amfor {
 namespace {
@@ -57,24 +57,10 @@ void gather_rows(const at::Tensor& src, const at::Tensor& rows, const at::Tensor
   });
 }
 
-void check_pos(const at::Tensor& pos, int64_t N, int64_t D, const at::Tensor& x) {
-  TORCH_CHECK(pos.numel() == N * D, "pos_embed must hold [N, D] = [", N, ", ", D, "] values, got shape ", pos.sizes());
-  TORCH_CHECK(pos.scalar_type() == x.scalar_type(), "pos_embed dtype ", pos.scalar_type(), " differs from ", x.scalar_type());
-  check_same_device(x, pos, "pos_embed");
-}
-
 at::Tensor masked_gather_cpu(const at::Tensor& x, const at::Tensor& index, const std::optional<at::Tensor>& pos_embed) {
-  check_rank(x, 3, "x");
-  check_rank(index, 2, "index");
-  check_index(index, "index");
-  check_float(x, "x");
-  TORCH_CHECK(index.size(0) == x.size(0), "index batch ", index.size(0), " differs from x batch ", x.size(0));
+  masked_patches::check_gather_args(x, index);
   const int64_t N = x.size(1), D = x.size(2);
-  at::Tensor pos;
-  if (pos_embed.has_value()) {
-    check_pos(*pos_embed, N, D, x);
-    pos = pos_embed->contiguous();
-  }
+  const at::Tensor pos = masked_patches::flat_pos(pos_embed, N, x);
   auto xc = x.contiguous();
   auto idx = index.contiguous();
   if (idx.numel() > 0) {
@@ -110,19 +96,9 @@ at::Tensor inverse_index(const at::Tensor& index, int64_t N) {
 
 at::Tensor masked_scatter_cpu(const at::Tensor& y, const at::Tensor& index, int64_t num_tokens,
                               const at::Tensor& mask_token, const std::optional<at::Tensor>& pos_embed) {
-  check_rank(y, 3, "y");
-  check_rank(index, 2, "index");
-  check_index(index, "index");
-  check_float(y, "y");
-  const int64_t B = y.size(0), K = y.size(1), D = y.size(2), N = num_tokens;
-  TORCH_CHECK(index.size(0) == B && index.size(1) == K, "index shape ", index.sizes(), " must be [B, K] = [", B, ", ", K, "]");
-  TORCH_CHECK(K <= N, "cannot scatter ", K, " rows into ", N, " tokens");
-  TORCH_CHECK(mask_token.numel() == D && mask_token.scalar_type() == y.scalar_type(), "mask_token must be [D] of ", y.scalar_type());
-  at::Tensor pos;
-  if (pos_embed.has_value()) {
-    check_pos(*pos_embed, N, D, y);
-    pos = pos_embed->contiguous();
-  }
+  masked_patches::check_scatter_args(y, index, num_tokens, mask_token);
+  const int64_t B = y.size(0), D = y.size(2), N = num_tokens;
+  const at::Tensor pos = masked_patches::flat_pos(pos_embed, N, y);
   auto inv = inverse_index(index, N);
   auto out = at::empty({B, N, D}, y.options());
   if (out.numel() == 0) return out;
@@ -158,11 +134,7 @@ void segment_sum(const at::Tensor& grad, const at::Tensor& index, at::Tensor& ou
 }
 
 at::Tensor masked_gather_backward_cpu(const at::Tensor& grad, const at::Tensor& index, int64_t num_tokens) {
-  check_rank(grad, 3, "grad");
-  check_rank(index, 2, "index");
-  check_index(index, "index");
-  TORCH_CHECK(index.size(0) == grad.size(0) && index.size(1) == grad.size(1), "index shape ", index.sizes(),
-              " must match grad's [B, K] ", grad.sizes());
+  masked_patches::check_backward_args(grad, index);
   auto out = at::empty({grad.size(0), num_tokens, grad.size(2)}, grad.options());
   if (out.numel() == 0) return out;
   auto idx = index.contiguous();

@@ -11,7 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "../common.h"
+#include "../masked_patches.h"
 
 namespace amfor {
 namespace {
@@ -162,24 +162,10 @@ void segment_sum(const at::Tensor& grad, const at::Tensor& perm, const at::Tenso
   launch_segment_sum<scalar_t, int64_t, 1>(grad, perm, starts, out);
 }
 
-at::Tensor flat_pos(const std::optional<at::Tensor>& pos_embed, int64_t N, const at::Tensor& x) {
-  if (!pos_embed.has_value()) return at::Tensor();
-  const int64_t D = x.size(2);
-  TORCH_CHECK(pos_embed->numel() == N * D, "pos_embed must hold [N, D] = [", N, ", ", D, "] values, got ", pos_embed->sizes());
-  TORCH_CHECK(pos_embed->scalar_type() == x.scalar_type(), "pos_embed dtype ", pos_embed->scalar_type(), " differs from ", x.scalar_type());
-  check_same_device(x, *pos_embed, "pos_embed");
-  return pos_embed->contiguous();
-}
-
 at::Tensor masked_gather_cuda(const at::Tensor& x, const at::Tensor& index, const std::optional<at::Tensor>& pos_embed) {
-  check_rank(x, 3, "x");
-  check_rank(index, 2, "index");
-  check_index(index, "index");
-  check_float(x, "x");
-  check_same_device(x, index, "index");
-  TORCH_CHECK(index.size(0) == x.size(0), "index batch ", index.size(0), " differs from x batch ", x.size(0));
+  masked_patches::check_gather_args(x, index);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto pos = flat_pos(pos_embed, x.size(1), x);
+  auto pos = masked_patches::flat_pos(pos_embed, x.size(1), x);
   auto out = at::empty({x.size(0), index.size(1), x.size(2)}, x.options());
   if (out.numel() == 0) return out;
   auto xc = x.contiguous();
@@ -194,18 +180,10 @@ at::Tensor masked_gather_cuda(const at::Tensor& x, const at::Tensor& index, cons
 
 at::Tensor masked_scatter_cuda(const at::Tensor& y, const at::Tensor& index, int64_t num_tokens,
                                const at::Tensor& mask_token, const std::optional<at::Tensor>& pos_embed) {
-  check_rank(y, 3, "y");
-  check_rank(index, 2, "index");
-  check_index(index, "index");
-  check_float(y, "y");
-  check_same_device(y, index, "index");
-  check_same_device(y, mask_token, "mask_token");
+  masked_patches::check_scatter_args(y, index, num_tokens, mask_token);
   const int64_t B = y.size(0), K = y.size(1), D = y.size(2), N = num_tokens;
-  TORCH_CHECK(index.size(0) == B && index.size(1) == K, "index shape ", index.sizes(), " must be [B, K] = [", B, ", ", K, "]");
-  TORCH_CHECK(K <= N, "cannot scatter ", K, " rows into ", N, " tokens");
-  TORCH_CHECK(mask_token.numel() == D && mask_token.scalar_type() == y.scalar_type(), "mask_token must be [D] of ", y.scalar_type());
   const c10::cuda::CUDAGuard guard(y.device());
-  auto pos = flat_pos(pos_embed, N, y);
+  auto pos = masked_patches::flat_pos(pos_embed, N, y);
   auto out = at::empty({B, N, D}, y.options());
   if (out.numel() == 0) return out;
   // inverse[b, n] = k where index[b, k] == n, else -1 (indices are unique per row; the Python layer checks).
@@ -220,12 +198,7 @@ at::Tensor masked_scatter_cuda(const at::Tensor& y, const at::Tensor& index, int
 }
 
 at::Tensor masked_gather_backward_cuda(const at::Tensor& grad, const at::Tensor& index, int64_t num_tokens) {
-  check_rank(grad, 3, "grad");
-  check_rank(index, 2, "index");
-  check_index(index, "index");
-  check_same_device(grad, index, "index");
-  TORCH_CHECK(index.size(0) == grad.size(0) && index.size(1) == grad.size(1), "index shape ", index.sizes(),
-              " must match grad's [B, K] ", grad.sizes());
+  masked_patches::check_backward_args(grad, index);
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t B = grad.size(0), N = num_tokens;
   auto out = at::empty({B, N, grad.size(2)}, grad.options());
