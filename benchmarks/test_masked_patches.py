@@ -87,16 +87,20 @@ def _decoder_fn(provider, y, token, pos, index, ids_shuffle):
     return fused
 
 
+def _check_and_measure(benchmark, fn, expected, moved: int, op: str, provider: str, K: int) -> None:
+    """Check fn() against the MAE sequence's result, then time it with GB/s and the same-run copy fraction."""
+    torch.testing.assert_close(fn(), expected)
+    measure(benchmark, fn, DEVICE, bytes_moved=moved, op=op, provider=provider, B=B, N=N, D=D, K=K, dtype=str(DTYPE))
+    benchmark.extra_info["copy_fraction"] = benchmark.extra_info["GB/s"] / copy_bandwidth_gbps(moved // 2, DEVICE)
+
+
 @pytest.mark.parametrize("keep", KEEP)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_masked_gather(benchmark, provider, keep):
     x, pos, index, ids_shuffle, _, _, K = _problem(keep)
     fn = _encoder_fn(provider, x, pos, index, ids_shuffle, K)
-    torch.testing.assert_close(fn(), mae_encoder_input(x, pos, ids_shuffle, K))
     moved = 2 * B * K * D * x.element_size()  # kept rows read + output written
-    measure(benchmark, fn, DEVICE, bytes_moved=moved, op="masked_gather", provider=provider, B=B, N=N, D=D, K=K,
-            dtype=str(DTYPE))
-    benchmark.extra_info["copy_fraction"] = benchmark.extra_info["GB/s"] / copy_bandwidth_gbps(moved // 2, DEVICE)
+    _check_and_measure(benchmark, fn, mae_encoder_input(x, pos, ids_shuffle, K), moved, "masked_gather", provider, K)
 
 
 @pytest.mark.parametrize("keep", KEEP)
@@ -104,8 +108,6 @@ def test_masked_gather(benchmark, provider, keep):
 def test_masked_scatter(benchmark, provider, keep):
     _, pos, index, ids_shuffle, y, token, K = _problem(keep)
     fn = _decoder_fn(provider, y, token, pos, index, ids_shuffle)
-    torch.testing.assert_close(fn(), mae_decoder_input(y, token, pos, ids_shuffle))
     moved = (B * K * D + B * N * D) * y.element_size()  # kept rows read + full grid written
-    measure(benchmark, fn, DEVICE, bytes_moved=moved, op="masked_scatter", provider=provider, B=B, N=N, D=D, K=K,
-            dtype=str(DTYPE))
-    benchmark.extra_info["copy_fraction"] = benchmark.extra_info["GB/s"] / copy_bandwidth_gbps(moved // 2, DEVICE)
+    _check_and_measure(benchmark, fn, mae_decoder_input(y, token, pos, ids_shuffle), moved, "masked_scatter",
+                       provider, K)
