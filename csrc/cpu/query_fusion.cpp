@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../query_fusion.h"
+#include "vec_math.h"
 
 namespace amfor {
 namespace {
@@ -203,33 +204,11 @@ void dkdv_kernel(const Problem& P, const at::Tensor& grad, const at::Tensor& q, 
 // Summation orders are fixed by the loops (never by the thread count): deterministic.
 // ---------------------------------------------------------------------------------------------------------
 constexpr int64_t RB = 16;
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
-
-__attribute__((always_inline)) inline v16 load16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-__attribute__((always_inline)) inline void store16(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
-__attribute__((always_inline)) inline v16 splat16(float x) { return v16{} + x; }
-
-// exp of a float vector (Cephes expf polynomial, ~1 ulp); arguments below -87.3 (and -inf) give exactly 0.
-__attribute__((always_inline)) inline v16 vexp16(v16 x) {
-  const v16 lo = splat16(-87.3f);
-  const v16 xc = x < lo ? lo : x;
-  const v16 magic = splat16(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const v16 n = (xc * 1.44269504088896341f + magic) - magic;
-  v16 r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  v16 y = splat16(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
-  y = y * (v16)bits;
-  return x < lo ? v16{} : y;
-}
+using vec::load16;
+using vec::splat16;
+using vec::store16;
+using vec::v16;
+using vec::vexp16;
 
 // S[n][j] = scale * sum_i Qt[i][j] * K[n, i] for n < N (Qt: [d][RB], the block's rows transposed, zero padded).
 // The sum runs over chunks of 64 head-dim columns, the chunk sums added in order (accuracy for d up to 1024).
