@@ -69,6 +69,12 @@ def _group_rows(pid, Hkv, G, Q, H, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _layer_base(ptr, off_ptr, layer, b, hkv, s_b, s_h):
+    """Start of image b, kv head hkv in layer `layer` of a keys/values argument (per-layer element offsets)."""
+    return ptr + tl.load(off_ptr + layer) + b.to(tl.int64) * s_b + hkv.to(tl.int64) * s_h
+
+
+@triton.jit
 def _valid_keys(mask_ptr, b, qi, row_ok, layer, offs_n, n_ok, Qm, L, N, mask_sq, HAS_MASK: tl.constexpr):
     """[R, BLOCK_N] bool: token n exists and row (query qi) may attend to it in `layer`."""
     valid = row_ok[:, None] & n_ok[None, :]
@@ -103,8 +109,8 @@ def _fwd_kernel(
     c_ok = cols < D
     out_acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     for layer in range(L):
-        k_base = k_ptr + tl.load(k_off_ptr + layer) + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
-        v_base = v_ptr + tl.load(v_off_ptr + layer) + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+        k_base = _layer_base(k_ptr, k_off_ptr, layer, b, hkv, sk_b, sk_h)
+        v_base = _layer_base(v_ptr, v_off_ptr, layer, b, hkv, sv_b, sv_h)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
@@ -152,8 +158,8 @@ def _dq_kernel(
     c_ok = cols < D
     dq = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     for layer in range(L):
-        k_base = k_ptr + tl.load(k_off_ptr + layer) + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
-        v_base = v_ptr + tl.load(v_off_ptr + layer) + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+        k_base = _layer_base(k_ptr, k_off_ptr, layer, b, hkv, sk_b, sk_h)
+        v_base = _layer_base(v_ptr, v_off_ptr, layer, b, hkv, sv_b, sv_h)
         lse = tl.load(lse_ptr + grow * L + layer, mask=row_ok, other=float("-inf")) * 1.4426950408889634
         lse = tl.where(lse == float("-inf"), 0.0, lse)
         t = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -204,8 +210,8 @@ def _dkdv_kernel(
     c_ok = cols < D
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    k_base = k_ptr + tl.load(k_off_ptr + layer) + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
-    v_base = v_ptr + tl.load(v_off_ptr + layer) + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+    k_base = _layer_base(k_ptr, k_off_ptr, layer, b, hkv, sk_b, sk_h)
+    v_base = _layer_base(v_ptr, v_off_ptr, layer, b, hkv, sv_b, sv_h)
     dk = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     for m0 in range(0, G * Q, BLOCK_M):

@@ -114,6 +114,21 @@ __device__ __forceinline__ const bool* mask_row(const bool* mask, const int64_t 
   return mask == nullptr ? nullptr : mask + ((b * Qm + (Qm > 1 ? qi : 0)) * L + l) * N;
 }
 
+// The query row of this warp in a row-block kernel: block = (image b, kv head hk, block of 8 rows of the group's
+// G * Q (head, query) rows); grow = the row's flat index in [B, H, Q]; ok = false past the group's last row.
+struct WarpRow {
+  int64_t b, hk, qi, grow;
+  bool ok;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ WarpRow warp_row(const Params<acc_t>& P) {
+  const int64_t GQ = P.G * P.Q, num_m = (GQ + kWarps - 1) / kWarps;
+  const int64_t mb = blockIdx.x % num_m, hk = (blockIdx.x / num_m) % P.Hkv, b = blockIdx.x / (num_m * P.Hkv);
+  const int64_t r = mb * kWarps + threadIdx.x / kWarp;
+  return {b, hk, r % P.Q, (b * P.H + hk * P.G) * P.Q + r, r < GQ};
+}
+
 // Forward: grid B * Hkv * ceil(G Q / 8) blocks of 256 threads; dynamic smem 2 * TN * DP acc_t.
 template <typename scalar_t, typename acc_t, int DPL, int TN>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(Params<acc_t> P,
@@ -126,12 +141,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(Params<acc_t> P,
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* k_s = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* v_s = k_s + TN * DP;
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t GQ = P.G * P.Q, num_m = (GQ + kWarps - 1) / kWarps;
-  const int64_t mb = blockIdx.x % num_m, hk = (blockIdx.x / num_m) % P.Hkv, b = blockIdx.x / (num_m * P.Hkv);
-  const int64_t r = mb * kWarps + warp, qi = r % P.Q;
-  const bool row_ok = r < GQ;
-  const int64_t grow = (b * P.H + hk * P.G) * P.Q + r;
+  const int lane = threadIdx.x % kWarp;
+  const auto [b, hk, qi, grow, row_ok] = warp_row(P);
   acc_t qr[DPL], o[DPL], total[DPL];
   load_row<scalar_t, acc_t, DPL>(qr, q + grow * P.d, P.d, lane, row_ok);
 #pragma unroll
@@ -202,12 +213,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params<acc_t> P,
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* k_s = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* v_s = k_s + TN * DP;
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t GQ = P.G * P.Q, num_m = (GQ + kWarps - 1) / kWarps;
-  const int64_t mb = blockIdx.x % num_m, hk = (blockIdx.x / num_m) % P.Hkv, b = blockIdx.x / (num_m * P.Hkv);
-  const int64_t r = mb * kWarps + warp, qi = r % P.Q;
-  const bool row_ok = r < GQ;
-  const int64_t grow = (b * P.H + hk * P.G) * P.Q + r;
+  const int lane = threadIdx.x % kWarp;
+  const auto [b, hk, qi, grow, row_ok] = warp_row(P);
   acc_t qr[DPL], gr[DPL], a[DPL], kbar[DPL], acc[DPL];
   load_row<scalar_t, acc_t, DPL>(qr, q + grow * P.d, P.d, lane, row_ok);
   load_row<scalar_t, acc_t, DPL>(gr, grad + grow * P.d, P.d, lane, row_ok);
