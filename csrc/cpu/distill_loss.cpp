@@ -12,59 +12,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "../common.h"
+#include "../distill_loss.h"
 #include "vec_math.h"
 
 namespace amfor {
-namespace distill {
-
-// Shared with csrc/cuda/distill_loss.cu (declared there): argument checks and the reduction of the rows.
-void check_inputs(const at::Tensor& student, const at::Tensor& teacher, double temperature,
-                  const std::optional<at::Tensor>& weights, c10::string_view reduction) {
-  check_float(student, "student");
-  check_rank(student, 3, "student");
-  TORCH_CHECK(student.size(2) >= 1, "student and teacher need at least one class (C >= 1), got C = 0");
-  TORCH_CHECK(teacher.sizes() == student.sizes(), "teacher shape ", teacher.sizes(), " differs from student shape ",
-              student.sizes());
-  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), "teacher dtype ", teacher.scalar_type(),
-              " differs from student dtype ", student.scalar_type());
-  check_same_device(student, teacher, "teacher");
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK(reduction == "batchmean" || reduction == "sum" || reduction == "none",
-              "reduction must be batchmean, sum or none, got ", reduction);
-  if (weights.has_value()) {
-    const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    TORCH_CHECK(weights->dim() == 1 && weights->size(0) == student.size(0), "weights must be [G] = [",
-                student.size(0), "], got shape ", weights->sizes());
-    TORCH_CHECK(weights->scalar_type() == acc, "weights must be ", acc, " for ", student.scalar_type(),
-                " logits, got ", weights->scalar_type());
-    check_same_device(student, *weights, "weights");
-  }
-}
-
-// 1 / B for batchmean, 1 for sum and none: the factor the reduction gives each weighted row.
-double grad_factor(c10::string_view reduction, int64_t batch) {
-  return reduction == "batchmean" ? 1.0 / static_cast<double>(std::max<int64_t>(batch, 1)) : 1.0;
-}
-
-// (loss, loss_rows output): the reduction of w[g] * rows[g, b]; rows are returned only when weights need them.
-std::tuple<at::Tensor, at::Tensor> reduce(const at::Tensor& rows, const std::optional<at::Tensor>& weights,
-                                          c10::string_view reduction) {
-  at::Tensor weighted = weights.has_value() ? rows * weights->unsqueeze(1) : rows;
-  at::Tensor loss = weighted;
-  if (reduction == "sum") loss = weighted.sum();
-  if (reduction == "batchmean") loss = weighted.sum() / static_cast<double>(std::max<int64_t>(rows.size(1), 1));
-  return {loss, weights.has_value() ? rows : at::empty({0}, rows.options())};
-}
-
-// [G, B, C] -> [G * B, C] with unit column stride: a view when the layout allows, else a contiguous copy.
-at::Tensor as_rows(const at::Tensor& x) {
-  auto rows = x.reshape({-1, x.size(-1)});
-  return rows.stride(1) == 1 ? rows : rows.contiguous();
-}
-
-}  // namespace distill
-
 namespace {
 
 // Statistics of one row, from which the loss and both gradients follow.

@@ -14,18 +14,9 @@
 #include <cstdint>
 #include <limits>
 
-#include "../common.h"
+#include "../distill_loss.h"
 
 namespace amfor {
-namespace distill {  // defined in csrc/cpu/distill_loss.cpp, shared with the CPU kernel
-void check_inputs(const at::Tensor& student, const at::Tensor& teacher, double temperature,
-                  const std::optional<at::Tensor>& weights, c10::string_view reduction);
-double grad_factor(c10::string_view reduction, int64_t batch);
-std::tuple<at::Tensor, at::Tensor> reduce(const at::Tensor& rows, const std::optional<at::Tensor>& weights,
-                                          c10::string_view reduction);
-at::Tensor as_rows(const at::Tensor& x);
-}  // namespace distill
-
 namespace {
 
 constexpr int kMaxThreads = 512;
