@@ -3,12 +3,13 @@
 from .dataset import ReIDImageDataset
 from .datasets.base import DatasetWarning
 from .loaders import build_test_loader, build_train_loader
+from .parts import FLIP_PAIRS, NO_MASK, NUM_PARTS, PART_NAMES
 from .records import ImageRecord, ReIDData, relabel
 from .registry import build_dataset, list_datasets, register_dataset
 from .sampler import PKSampler
-from .synthetic.person import FLIP_PAIRS, PART_NAMES
-from .transforms import NO_MASK, JointErasing, OccluderPaste, ReIDTransform, patch_occlusion, swap_parts
+from .transforms import JointErasing, OccluderPaste, ReIDTransform, patch_occlusion, swap_parts
 
-__all__ = ["FLIP_PAIRS", "NO_MASK", "PART_NAMES", "DatasetWarning", "ImageRecord", "JointErasing", "OccluderPaste",
-           "PKSampler", "ReIDData", "ReIDImageDataset", "ReIDTransform", "build_dataset", "build_test_loader",
-           "build_train_loader", "list_datasets", "patch_occlusion", "register_dataset", "relabel", "swap_parts"]
+__all__ = ["FLIP_PAIRS", "NO_MASK", "NUM_PARTS", "PART_NAMES", "DatasetWarning", "ImageRecord", "JointErasing",
+           "OccluderPaste", "PKSampler", "ReIDData", "ReIDImageDataset", "ReIDTransform", "build_dataset",
+           "build_test_loader", "build_train_loader", "list_datasets", "patch_occlusion", "register_dataset", "relabel",
+           "swap_parts"]

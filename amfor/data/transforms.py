@@ -17,10 +17,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .synthetic.person import FLIP_PAIRS
+from .parts import FLIP_PAIRS, NO_MASK
 
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # img [3, H, W] float, mask [H, W] long, occ [H, W] bool
-NO_MASK = -1  # part-mask value meaning "this image has no parsing mask"
 
 
 def swap_parts(mask: torch.Tensor, pairs: Sequence[tuple[int, int]] = FLIP_PAIRS) -> torch.Tensor:

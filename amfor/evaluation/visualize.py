@@ -1,19 +1,20 @@
-"""Pictures of results (matplotlib, Agg): ranked lists with green/red borders, and CMC curves."""
+"""Pictures of results: ranked lists with green/red borders, and CMC curves.
+
+Drawn on `matplotlib.figure.Figure` objects (rendered by Agg when saved), never through pyplot: importing
+amfor.evaluation leaves the caller's matplotlib backend and pyplot state alone.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image, ImageOps
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
-
-from ._inputs import check_matrix  # noqa: E402
-from .rank import evaluate_rank  # noqa: E402
+from ._inputs import check_matrix
+from .rank import evaluate_rank
 
 GREEN, RED, GREY = (0, 170, 0), (220, 0, 0), (90, 90, 90)
 
@@ -63,7 +64,7 @@ def _save_grid(rows: list[np.ndarray], out_path: str | Path, labels: list[str]) 
         raise ValueError("no valid query to draw")
     grid = np.concatenate(rows, 0)
     dpi = 100
-    fig = plt.figure(figsize=(grid.shape[1] / dpi, grid.shape[0] / dpi), dpi=dpi)
+    fig = Figure(figsize=(grid.shape[1] / dpi, grid.shape[0] / dpi), dpi=dpi)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(grid)
     ax.set_axis_off()
@@ -72,7 +73,6 @@ def _save_grid(rows: list[np.ndarray], out_path: str | Path, labels: list[str]) 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
-    plt.close(fig)
     return out
 
 
@@ -80,7 +80,8 @@ def plot_cmc(cmcs: Mapping[str, np.ndarray] | np.ndarray, out_path: str | Path, 
              title: str = "CMC") -> Path:
     """Save CMC curve(s) as PNG; `cmcs` is one curve [R] or {label: curve}. Rank axis starts at 1."""
     curves = {"CMC": np.asarray(cmcs)} if not isinstance(cmcs, Mapping) else {k: np.asarray(v) for k, v in cmcs.items()}
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    fig = Figure(figsize=(5, 4), dpi=100)
+    ax = fig.add_subplot()
     for label, cmc in curves.items():
         if cmc.ndim != 1 or len(cmc) == 0:
             raise ValueError(f"CMC curve {label!r} must be a non-empty 1-D array")
@@ -92,5 +93,4 @@ def plot_cmc(cmcs: Mapping[str, np.ndarray] | np.ndarray, out_path: str | Path, 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
     return out

@@ -58,8 +58,10 @@ class QueryFusion(nn.Module):
 
     dim: token width D; num_heads: H (divides D); num_queries: Q learnable queries (used when forward gets
     no `queries`; 0 = always pass them); num_layers: L.
-    bias: biases of the four projections; layer_weights: "learned" (softmax of learned logits, starting
-    uniform), "uniform" (1/L) or "input" (forward must get them); path: "auto" | "absorbed" | "projected".
+    bias: biases of the query, value and output projections (the key projection has none: a key bias shifts
+    every score of a query by the same q . b_k, which the softmax cancels, so it could never learn);
+    layer_weights: "learned" (softmax of learned logits, starting uniform), "uniform" (1/L) or "input" (forward
+    must get them); path: "auto" | "absorbed" | "projected".
     """
 
     def __init__(self, dim: int, num_heads: int, num_queries: int, num_layers: int, *, bias: bool = True,
@@ -79,7 +81,7 @@ class QueryFusion(nn.Module):
         self.query = nn.Parameter(torch.randn(num_queries, dim) * query_std) if num_queries > 0 else None
         self.layer_logits = nn.Parameter(torch.zeros(num_layers)) if layer_weights == "learned" else None
         self.q_proj = nn.Linear(dim, dim, bias=bias)
-        self.k_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, dim, bias=False)  # a key bias adds q . b_k to all of a query's scores: it cancels
         self.v_proj = nn.Linear(dim, dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 

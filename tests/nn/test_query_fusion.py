@@ -40,8 +40,8 @@ def test_absorbed_equals_projected(as_list, masked, bias):
     outs = {p: module(xs, attn_mask=mask, path=p) for p in ("absorbed", "projected")}
     torch.testing.assert_close(outs["absorbed"], outs["projected"], rtol=1e-10, atol=1e-10)
     ga, gp = (_grads(module, outs[p], [x]) for p in ("absorbed", "projected"))
-    for a, b in zip(ga, gp, strict=True):  # the key bias: unused by the absorbed path, ~0 gradient in the other
-        torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b, rtol=1e-9, atol=1e-10)
+    for a, b in zip(ga, gp, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 def test_per_sample_queries_and_layer_weights():
@@ -66,7 +66,8 @@ def test_one_layer_is_multihead_attention():
     mha = torch.nn.MultiheadAttention(48, 4, batch_first=True).double()
     with torch.no_grad():
         mha.in_proj_weight.copy_(torch.cat([module.q_proj.weight, module.k_proj.weight, module.v_proj.weight]))
-        mha.in_proj_bias.copy_(torch.cat([module.q_proj.bias, module.k_proj.bias, module.v_proj.bias]))
+        key_bias = torch.randn_like(module.v_proj.bias)  # any key bias: the softmax cancels it
+        mha.in_proj_bias.copy_(torch.cat([module.q_proj.bias, key_bias, module.v_proj.bias]))
         mha.out_proj.weight.copy_(module.proj.weight)
         mha.out_proj.bias.copy_(module.proj.bias)
     x = torch.randn(2, 13, 48, dtype=torch.float64)

@@ -8,7 +8,7 @@ from ..records import ReIDData
 from ..registry import register_dataset
 from .base import finalize
 from .market_style import SPLIT_FOLDERS, build_market_style
-from .test_only_helpers import parse_folder, pid_from_folder
+from .pid_parsers import parse_folder, pid_from_folder
 
 DEFAULT_CAMIDS = {"train": 0, "query": 0, "gallery": 1}
 PID_FOLDERS = {"train": "train", "query": "query", "gallery": "gallery"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..records import ReIDData
 from ..registry import register_dataset
 from .base import finalize, find_dataset_dir
-from .test_only_helpers import parse_folder, pid_from_folder
+from .pid_parsers import parse_folder, pid_from_folder
 
 CANDIDATES = ("Occluded_REID", "OccludedREID", "occluded_reid")
 LAYOUT = "<root>/Occluded_REID/{occluded_body_images,whole_body_images}/<pid>/<image>.tif|jpg"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..records import ReIDData
 from ..registry import register_dataset
 from .base import finalize, find_dataset_dir
-from .test_only_helpers import parse_folder, pid_from_prefix
+from .pid_parsers import parse_folder, pid_from_prefix
 
 CANDIDATES = ("P-DukeMTMC-reID", "P-DukeMTMC-reid", "p_dukemtmc_reid")
 LAYOUT = "<root>/P-DukeMTMC-reID/{train,test}/{occluded_body_images,whole_body_images}/<pid>/<pid>_*.jpg"

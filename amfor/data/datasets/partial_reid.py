@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..records import ReIDData
 from ..registry import register_dataset
 from .base import finalize, find_dataset_dir
-from .test_only_helpers import parse_folder, pid_from_prefix
+from .pid_parsers import parse_folder, pid_from_prefix
 
 CANDIDATES = ("Partial_REID", "Partial-REID", "PartialREID", "partial_reid")
 LAYOUT = "<root>/Partial_REID/{partial_body_images,whole_body_images}/<pid>_<n>.jpg"

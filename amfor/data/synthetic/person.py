@@ -17,10 +17,6 @@ from PIL import Image, ImageDraw
 from .identity import Identity
 from .palette import pattern_fill
 
-PART_NAMES = ("background", "head", "left_arm", "right_arm", "torso", "left_leg", "right_leg", "left_foot",
-              "right_foot")
-FLIP_PAIRS = ((2, 3), (5, 6), (7, 8))
-
 
 @dataclass(frozen=True)
 class Pose:

@@ -1,0 +1,393 @@
+"""The AMFOR model (SPEC-AMFOR.md): backbone + AMFF-Encoder, part branch with teacher-student decoder, HPR-Decoder,
+BNNeck heads and the loss dict. One method per stage, as MAE: `forward_encoder`, `forward_parts`,
+`forward_masked_view`, `forward_losses`; `forward` dispatches on the mode.
+
+Training: `model(images, pids, camids, masks=None, occlusion=None)` -> {"loss": weighted total, "loss_<term>": ...,
+diagnostics}. Eval: `model(images, camids)` -> {"features": [B, 1 + P, D], "visibility": [B, 1 + P]}, or
+{"features": [B, D]} with `global_only=True`. Eval runs no training-only branch and draws no random number.
+
+Every component has a switch (`amff`, `text`, `parts`, `teacher_student`, `amgd`, `hpr`, `part_recon`); all off is
+the TransReID-style baseline: ID + triplet on the CLS token. Choices where the paper is silent: docs/model.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amfor.data.parts import FLIP_PAIRS, NUM_PARTS
+from amfor.data.transforms import patch_occlusion
+from amfor.losses import (
+    AMGDLoss,
+    diversity_loss,
+    feature_reconstruction_loss,
+    focal_loss,
+    identity_loss,
+    mask_to_tokens,
+    parsing_loss,
+    part_triplet_loss,
+    patch_reconstruction_loss,
+    patchify,
+    triplet_loss,
+)
+from amfor.models.backbone import ReIDViT
+from amfor.models.fusion import AMFFEncoder
+from amfor.models.heads import BNNeck, PartNecks
+from amfor.models.parts import PartClassifier, PartDecoder, VisibilityHead, teacher_masks, weighted_pooling
+from amfor.models.reconstruction import PartReconstructor, PatchDecoder, choose_masked_patches
+from amfor.models.text import TextBranch, contrastive_losses
+from amfor.ops import masked_gather
+
+LOSS_WEIGHTS = {  # SPEC-AMFOR section 6: every term weighted 1.0
+    "id": 1.0, "triplet": 1.0, "i2t": 1.0,
+    "id_parts": 1.0, "id_granularity": 1.0, "id_foreground": 1.0, "triplet_parts": 1.0, "parsing": 1.0,
+    "visibility": 1.0, "diversity": 1.0, "amgd": 1.0, "id_recon": 1.0, "part_reconstruction": 1.0,
+    "reconstruction": 1.0,
+}
+SWITCHES = ("amff", "text", "parts", "teacher_student", "amgd", "hpr", "part_recon")
+
+
+def _part_pairs(pairs: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Label pairs (1-based part labels) -> 0-based part indices."""
+    return tuple((a - 1, b - 1) for a, b in pairs)
+
+
+class AMFOR(nn.Module):
+    """AMFOR for occluded person ReID. Flat keyword arguments, as timm's models (see registry.py for the variants)."""
+
+    def __init__(self, num_classes: int, num_cameras: int = 0, *, img_size: tuple[int, int] = (256, 128),
+                 patch_size: int = 16, stride: int = 16, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, sie_coef: float = 3.0,
+                 # switches
+                 amff: bool = True, text: bool = True, parts: bool = True, teacher_student: bool = True,
+                 amgd: bool = True, hpr: bool = True, part_recon: bool = True,
+                 # text branch
+                 text_width: int = 512, text_heads: int = 8, text_layers: int = 12, text_dim: int = 512,
+                 text_context: int = 77, clip_weights: str | None = None, text_bank: str = "all",
+                 text_temperature: float = 0.05,
+                 # AMFF
+                 fusion_points: Sequence[int] = (1, 2, 4, 6, 8, 10), fusion_tokens: str = "all",
+                 fusion_weighting: str = "softmax", fusion_gate_init: float = -2.0,
+                 # parts
+                 num_parts: int = NUM_PARTS, part_heads: int = 8, part_ffn_dim: int = 3072, part_depth: int = 1,
+                 flip_pairs: Sequence[tuple[int, int]] = FLIP_PAIRS, amgd_temperature: float = 4.0,
+                 # HPR
+                 mask_ratio: float = 0.5, hpr_dim: int = 512, hpr_depth: int = 1, hpr_heads: int = 8,
+                 recon_dim: int = 512, recon_depth: int = 3, recon_heads: int = 8, recon_hide_prob: float = 0.25,
+                 # losses
+                 loss_weights: Mapping[str, float] | None = None, triplet_margin: float | None = None,
+                 label_smoothing: float = 0.0, parsing_smoothing: float = 0.1) -> None:
+        super().__init__()
+        self._check_switches(amff, text, parts, teacher_student, amgd, hpr, part_recon, num_classes)
+        self.num_classes, self.num_parts = num_classes, num_parts
+        self.switches = dict(amff=amff, text=text, parts=parts, teacher_student=teacher_student, amgd=amgd, hpr=hpr,
+                             part_recon=part_recon)
+        self.loss_weights = self._loss_weights(loss_weights)
+        self.triplet_margin, self.label_smoothing, self.parsing_smoothing = triplet_margin, label_smoothing, \
+            parsing_smoothing
+        self.text_bank_mode, self.text_scale = text_bank, 1.0 / text_temperature
+        self.mask_ratio, self.recon_hide_prob = mask_ratio, recon_hide_prob
+        self.flip_pairs = tuple(tuple(p) for p in flip_pairs)  # feature indices of [global, P parts] = part labels
+
+        self.backbone = ReIDViT(img_size, patch_size, stride, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, num_cameras=num_cameras,
+                                sie_coef=sie_coef)
+        D, C, P = embed_dim, num_classes, num_parts
+        self.text = TextBranch(C, D, text_width, text_heads, text_layers, text_dim, text_context,
+                               clip_weights) if text else None
+        self.fusion = AMFFEncoder(D, num_heads, fusion_points, depth - 1, tokens=fusion_tokens,
+                                  weighting=fusion_weighting, gate_init=fusion_gate_init, text=text) if amff else None
+        self.global_neck = BNNeck(D, C)
+        if parts:
+            self.part_classifier = PartClassifier(D, P)
+            self.part_decoder = PartDecoder(D, P, part_heads, part_ffn_dim, part_depth)
+            self.visibility_head = VisibilityHead(P, D)
+            self.parts_neck = BNNeck(P * D, C)  # cat(parts): student, teacher and rebuilt parts share it
+            self.granularity_necks = PartNecks(P + 2, D, C)  # [decoder CLS, P parts, foreground]
+            self.foreground_neck = BNNeck(D, C)
+        self.amgd = AMGDLoss(D, P + 2, num_heads=part_heads, temperature=amgd_temperature) if amgd else None
+        if hpr:
+            pixels = 3 * patch_size * patch_size
+            self.patch_decoder = PatchDecoder(D, self.backbone.num_patches, pixels, hpr_dim, hpr_depth, hpr_heads)
+        self.part_reconstructor = PartReconstructor(D, P, recon_dim, recon_depth, recon_heads) if part_recon else None
+
+    # -- construction helpers ----------------------------------------------------------------------------------
+    @staticmethod
+    def _check_switches(amff, text, parts, teacher_student, amgd, hpr, part_recon, num_classes) -> None:
+        needs = {"teacher_student": ("parts", parts), "amgd": ("teacher_student", teacher_student),
+                 "part_recon": ("parts", parts)}
+        for name, on in (("teacher_student", teacher_student), ("amgd", amgd), ("part_recon", part_recon)):
+            if on and not needs[name][1]:
+                raise ValueError(f"{name}=True needs {needs[name][0]}=True")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+
+    @staticmethod
+    def _loss_weights(overrides: Mapping[str, float] | None) -> dict[str, float]:
+        weights = dict(LOSS_WEIGHTS)
+        for key, value in (overrides or {}).items():
+            if key not in weights:
+                raise ValueError(f"unknown loss weight {key!r}; the terms are {sorted(weights)}")
+            weights[key] = float(value)
+        return weights
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.backbone.img_size
+
+    @property
+    def has_text(self) -> bool:
+        return self.text is not None
+
+    def no_weight_decay(self) -> set[str]:
+        names = {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+        for name, _ in self.named_parameters():
+            if name.endswith(("pos_embed", "mask_token", "queries", "query_embed", "gate", "layer_logits",
+                              "_logits", "prompts.context")):
+                names.add(name)
+        return names
+
+    def load_pretrained(self, path: str):
+        """Load backbone weights from a timm / TransReID / HAP checkpoint (see backbone.checkpoint_filter_fn)."""
+        return self.backbone.load_pretrained(path)
+
+    # -- stage 1: prompt learning --------------------------------------------------------------------------------
+    def stage1_parameters(self) -> Iterator[nn.Parameter]:
+        """What stage 1 trains: the identity prompts and text_to_visual (nothing without text)."""
+        if self.text is None:
+            return iter(())
+        return iter([self.text.prompts.context, *self.text.text_to_visual.parameters()])
+
+    def stage1_features(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
+        """The image feature prompts are aligned to: g [B, D] from the (frozen) encoder, no text bank."""
+        _, G = self.forward_encoder(images, camids, None)
+        return G[:, 0]
+
+    def stage1_loss(self, image_feats: torch.Tensor, pids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CLIP-ReID image-text contrastive losses for cached image features [B, D] and their pids [B]."""
+        if self.text is None:
+            raise RuntimeError("this model has no text branch (text=False): there is no stage 1")
+        uniq, labels = torch.unique(pids, return_inverse=True)
+        text = self.text.text_to_visual(self.text.text_features(uniq))
+        i2t, t2i = contrastive_losses(image_feats, text, labels, self.text_scale)
+        return {"loss": i2t + t2i, "loss_i2t": i2t, "loss_t2i": t2i}
+
+    def finish_stage1(self) -> None:
+        """Freeze every identity's text feature into the bank used by stage 2 and test, and the prompts with it
+        (no-op without text). `text_to_visual` keeps training: the AMFF-Encoder and the i2t loss read the bank
+        through it."""
+        if self.text is not None:
+            self.text.build_bank()
+            self.text.prompts.context.requires_grad_(False)  # baked into the bank: stage 2 cannot move them
+
+    def text_keys(self) -> torch.Tensor | None:
+        """The text bank in visual space [C or 1, D] for the AMFF-Encoder (None without text or AMFF)."""
+        if self.text is None:
+            return None
+        if not bool(self.text.bank_ready):
+            raise RuntimeError("the text bank is empty: run stage 1 and call model.finish_stage1() before stage 2 "
+                               "or evaluation")
+        return self.text.visual_bank(self.text_bank_mode) if self.fusion is not None else None
+
+    # -- encoder ---------------------------------------------------------------------------------------------------
+    def forward_encoder(self, images: torch.Tensor, camids: torch.Tensor | None, text_keys: torch.Tensor | None,
+                        index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens through the shared blocks with AMFF at the fusion points, then the global branch.
+
+        images: [B, 3, H, W]; index: [B, K] kept patches (the masked view) or None (all N)  ->
+        (M [B, 1 + N', D], G [B, 1 + N', D]) with N' = K or N.
+        """
+        x = self.embed(images, camids, index)
+        layers = [x]
+        for k, blk in enumerate(self.backbone.blocks, start=1):
+            x = blk(x)
+            layers.append(x)
+            if self.fusion is not None and k in self.fusion:
+                x = self.fusion(k, layers, text_keys)
+        return x, self.backbone.norm(self.backbone.last_block(x))
+
+    def embed(self, images: torch.Tensor, camids: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor:
+        """x_0 [B, 1 + N', D]: CLS + (kept) patch tokens with their position embedding, + camera embedding."""
+        vit = self.backbone
+        patches = vit.patch_tokens(images)
+        pos = vit.pos_embed[0]
+        if index is None:
+            tokens = patches + pos[1:]
+        else:
+            tokens = masked_gather(patches, index, pos[1:], check_index=False)
+        cls = (vit.cls_token[0] + pos[:1]).expand(images.shape[0], 1, -1)
+        x = torch.cat([cls, tokens], dim=1)
+        sie = vit.camera_embedding(camids, images.shape[0])
+        return vit.pos_drop(x if sie is None else x + sie)
+
+    # -- part branch -----------------------------------------------------------------------------------------------
+    def forward_parts(self, M: torch.Tensor, G: torch.Tensor, teacher: bool) -> dict[str, torch.Tensor]:
+        """Part probabilities, foreground, and the student (and teacher) decoder outputs.
+
+        -> part_logits [B, N, 1 + P], probs, foreground [B, D], student [B, P + 2, D] ([CLS, background, parts]),
+        vis_logits [B, P]; with `teacher`: teacher [B, P + 2, D], teacher_foreground [B, D].
+        """
+        tokens = G[:, 1:]
+        part_logits = self.part_classifier(tokens)
+        probs = part_logits.softmax(-1)
+        _, foreground = weighted_pooling(tokens, probs)
+        mask = teacher_masks(probs) if teacher else None
+        student, teacher_out = self.part_decoder(M, mask)
+        out = {"part_logits": part_logits, "probs": probs, "foreground": foreground, "student": student,
+               "vis_logits": self.visibility_head(student[:, 2:])}
+        if teacher:
+            fg = mask[:, 0].to(tokens.dtype)  # the tokens the teacher's CLS query saw: its foreground
+            out["teacher"] = teacher_out
+            out["teacher_foreground"] = torch.einsum("bn,bnd->bd", fg, tokens) / fg.sum(1, keepdim=True)
+        return out
+
+    def visibility_targets(self, targets: torch.Tensor | None, probs: torch.Tensor) -> torch.Tensor:
+        """[B, P] float: part p has at least one token labelled p in the token targets [B, N] (from the parsing
+        masks); images without a mask (or no masks at all) take the pseudo-label max_n prob[n, p] > 0.5."""
+        P = self.num_parts
+        pseudo = (probs.detach()[..., 1:].amax(1) > 0.5).float()
+        if targets is None:
+            return pseudo
+        present = (targets[:, :, None] == torch.arange(1, P + 1, device=targets.device)).any(1).float()
+        has_mask = (targets >= 0).any(1, keepdim=True)
+        return torch.where(has_mask, present, pseudo)
+
+    def token_targets(self, masks: torch.Tensor | None) -> torch.Tensor | None:
+        """Part label per token [B, N] (-1: no mask) from pixel masks [B, H, W], or None without masks."""
+        if masks is None:
+            return None
+        vit = self.backbone
+        return mask_to_tokens(masks, vit.patch_size, vit.stride, self.num_parts + 1)
+
+    # -- masked view (HPR patch level) ----------------------------------------------------------------------------
+    def forward_masked_view(self, images: torch.Tensor, camids: torch.Tensor | None, occlusion: torch.Tensor | None,
+                            text_keys: torch.Tensor | None) -> torch.Tensor:
+        """Encoder on the kept patches only, MAE decoder on the full grid; the per-patch normalised pixel loss."""
+        vit = self.backbone
+        B, N = images.shape[0], vit.num_patches
+        occluded = None
+        if occlusion is not None:
+            occluded = patch_occlusion(occlusion, vit.patch_size, vit.stride).flatten(1)
+        index, _, target = choose_masked_patches(occluded, B, N, self.mask_ratio, device=images.device)
+        latent, _ = self.forward_encoder(images, camids, text_keys, index)
+        pred = self.patch_decoder(latent, index)
+        pixels = patchify(images, vit.patch_size, vit.stride)
+        return patch_reconstruction_loss(pred, pixels, target)
+
+    # -- losses ----------------------------------------------------------------------------------------------------
+    def forward_losses(self, G: torch.Tensor, pids: torch.Tensor, part: dict | None,
+                       targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Unweighted loss terms of the global branch, the text bank and the part branch."""
+        g = G[:, 0]
+        _, logits = self.global_neck(g)
+        losses = {"id": identity_loss(logits, pids, self.label_smoothing),
+                  "triplet": triplet_loss(g, pids, self.triplet_margin)}
+        if self.text is not None:
+            bank = self.text.visual_bank("all")
+            scores = self.text_scale * F.normalize(g.float(), dim=1) @ F.normalize(bank.float(), dim=1).T
+            losses["i2t"] = F.cross_entropy(scores, pids)
+        if part is not None:
+            losses.update(self.part_losses(part, pids, targets))
+        return losses
+
+    def part_losses(self, part: dict, pids: torch.Tensor, targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Parsing, visibility, identity over parts and granularities, part triplet, diversity, AMGD, rebuilt parts.
+
+        targets: part label per token [B, N] (-1 where an image has no mask) or None."""
+        B, P = pids.shape[0], self.num_parts
+        vis = self.visibility_targets(targets, part["probs"])
+        student = part["student"]
+        losses = {"visibility": focal_loss(part["vis_logits"], vis),
+                  "triplet_parts": part_triplet_loss(student[:, 2:], pids, self.triplet_margin, vis),
+                  "diversity": diversity_loss(student[:, 2:], _part_pairs(self.flip_pairs)),
+                  "id_foreground": identity_loss(self.foreground_neck(part["foreground"])[1], pids,
+                                                 self.label_smoothing)}
+        if targets is not None:
+            losses["parsing"] = parsing_loss(part["part_logits"], targets, self.parsing_smoothing)
+        passes = [("student", student, part["foreground"])]
+        if "teacher" in part:
+            passes.append(("teacher", part["teacher"], part["teacher_foreground"]))
+        # granularity weights: decoder CLS and foreground always, parts where visible
+        gran_w = torch.cat([torch.ones(B, 1, device=vis.device), vis, torch.ones(B, 1, device=vis.device)], 1)
+        id_parts, id_gran, gran = [], [], {}
+        for name, out, fg in passes:
+            id_parts.append(identity_loss(self.parts_neck(out[:, 2:].flatten(1))[1], pids, self.label_smoothing))
+            feats = torch.cat([out[:, :1], out[:, 2:], fg[:, None]], dim=1)  # [B, P + 2, D]
+            _, logits = self.granularity_necks(feats)  # [P + 2, B, C]
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), pids.repeat(P + 2), reduction="none").view(P + 2, B)
+            id_gran.append((ce.T * gran_w).sum() / gran_w.sum())
+            gran[name] = (feats, logits)
+        losses["id_parts"] = sum(id_parts) / len(id_parts)
+        losses["id_granularity"] = sum(id_gran) / len(id_gran)
+        if self.amgd is not None:
+            (s_feat, s_logit), (t_feat, t_logit) = gran["student"], gran["teacher"]
+            losses["amgd"] = self.amgd(s_feat, t_feat.detach(), s_logit, t_logit.detach()).loss
+        if self.part_reconstructor is not None:
+            losses.update(self.part_recon_losses(part, vis, pids))
+        return losses
+
+    def part_recon_losses(self, part: dict, vis: torch.Tensor, pids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rebuild the invisible parts and a random share of the visible ones; the visible ones hidden have a target
+        (the teacher's part feature, or the student's without a teacher, detached)."""
+        student = part["student"][:, 2:]
+        visible = vis > 0.5
+        drop = visible & (torch.rand(vis.shape, device=vis.device) < self.recon_hide_prob)
+        rebuilt = self.part_reconstructor(part["foreground"], student, ~visible | drop)
+        target = part.get("teacher", part["student"])[:, 2:].detach()
+        return {"id_recon": identity_loss(self.parts_neck(rebuilt.flatten(1))[1], pids, self.label_smoothing),
+                "part_reconstruction": feature_reconstruction_loss(rebuilt, target, drop.float())}
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Training: (images, pids, camids=None, masks=None, occlusion=None); eval: (images, camids=None,
+        global_only=False). See the module docstring for what comes back."""
+        if self.training:
+            return self.forward_train(images, *args, **kwargs)
+        return self.forward_eval(images, *args, **kwargs)
+
+    def forward_train(self, images: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor | None = None,
+                      masks: torch.Tensor | None = None, occlusion: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:
+        self._check_batch(images, pids, masks, occlusion)
+        text_keys = self.text_keys()
+        M, G = self.forward_encoder(images, camids, text_keys)
+        part = self.forward_parts(M, G, self.switches["teacher_student"]) if self.switches["parts"] else None
+        targets = self.token_targets(masks) if part is not None else None
+        losses = self.forward_losses(G, pids, part, targets)
+        if self.switches["hpr"]:
+            losses["reconstruction"] = self.forward_masked_view(images, camids, occlusion, text_keys)
+        out = {"loss": sum(self.loss_weights[k] * v for k, v in losses.items())}
+        out.update({f"loss_{k}": v for k, v in losses.items()})
+        if self.fusion is not None:
+            out["fusion_gate"] = self.fusion.gates().mean()
+        return out
+
+    def forward_eval(self, images: torch.Tensor, camids: torch.Tensor | None = None, global_only: bool = False
+                     ) -> dict[str, torch.Tensor]:
+        M, G = self.forward_encoder(images, camids, self.text_keys())
+        g = self.global_neck.bn(G[:, 0])
+        if global_only:
+            return {"features": F.normalize(g, dim=-1)}
+        if not self.switches["parts"]:
+            return {"features": F.normalize(g, dim=-1)[:, None], "visibility": g.new_ones(g.shape[0], 1)}
+        part = self.forward_parts(M, G, teacher=False)
+        B, P, D = images.shape[0], self.num_parts, g.shape[-1]
+        parts = self.parts_neck.bn(part["student"][:, 2:].flatten(1)).view(B, P, D)
+        features = F.normalize(torch.cat([g[:, None], parts], dim=1), dim=-1)
+        visible = (torch.sigmoid(part["vis_logits"]) > 0.5).to(g.dtype)
+        return {"features": features, "visibility": torch.cat([g.new_ones(B, 1), visible], dim=1)}
+
+    def _check_batch(self, images, pids, masks, occlusion) -> None:
+        B = images.shape[0]
+        if not isinstance(pids, torch.Tensor) or pids.shape != (B,) or pids.is_floating_point():
+            raise ValueError(f"pids must be an integer tensor [{B}], got {getattr(pids, 'shape', pids)}")
+        lo, hi = int(pids.min()), int(pids.max())
+        if lo < 0 or hi >= self.num_classes:
+            raise ValueError(f"pids must lie in [0, num_classes = {self.num_classes}), got values in [{lo}, {hi}]")
+        H, W = self.input_size
+        for name, t in (("masks", masks), ("occlusion", occlusion)):
+            if t is not None and tuple(t.shape) != (B, H, W):
+                raise ValueError(f"{name} must be [B, H, W] = [{B}, {H}, {W}], got {list(t.shape)}")

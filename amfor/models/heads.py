@@ -1,0 +1,46 @@
+"""BNNeck heads (SPEC-AMFOR section 6): BatchNorm with a frozen zero bias, then a bias-free classifier.
+
+The triplet loss reads the feature before the BN, the identity loss the logits after it, and inference the
+BN output (L2-normalised): the BNNeck of "Bag of Tricks" (Luo et al.) as TransReID and TSD use it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BNNeck(nn.Module):
+    """dim -> BN -> Linear(num_classes, bias=False) (init std 0.001). forward: [B, dim] -> (bn_feat, logits)."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim)
+        self.bn.bias.requires_grad_(False)
+        nn.init.ones_(self.bn.weight)
+        nn.init.zeros_(self.bn.bias)
+        self.classifier = nn.Linear(dim, num_classes, bias=False)
+        nn.init.normal_(self.classifier.weight, std=0.001)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feat = self.bn(x)
+        return feat, self.classifier(feat)
+
+
+class PartNecks(nn.Module):
+    """P BNNecks applied to P part features at once: [B, P, dim] -> (bn_feats [B, P, dim], logits [P, B, C]).
+
+    The logits come out granularity-first, the layout `distill_kl_loss` takes, with no copy.
+    """
+
+    def __init__(self, num_parts: int, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(num_parts * dim)
+        self.bn.bias.requires_grad_(False)
+        self.weight = nn.Parameter(torch.randn(num_parts, num_classes, dim) * 0.001)
+        self.num_parts, self.dim = num_parts, dim
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, P, D = x.shape
+        feat = self.bn(x.reshape(B, P * D)).view(B, P, D)
+        return feat, torch.einsum("bpd,pcd->pbc", feat, self.weight.to(feat.dtype))

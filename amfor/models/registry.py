@@ -1,0 +1,74 @@
+"""Model registry, as timm's `@register_model`: `create_model(name, num_classes, ...)`, `list_models()`.
+
+Variants (SPEC-AMFOR "Shapes"; parameter counts in docs/model.md):
+- `amfor_vit_base_patch16`: the paper's configuration: ViT-B/16 at 256x128 (stride 16; `stride=11` for the
+  Occluded-Duke setting), six fusion points, the CLIP ViT-B/16 text tower's shape.
+- `amfor_vit_small_patch16`: ViT-S/16 (width 384, 12 blocks, 6 heads) with a 6-layer, width-256 text tower.
+- `amfor_vit_tiny_patch16`: for CPU: 128x64 input, width 192, 6 blocks, a 2-layer width-128 text tower and
+  small decoders, sized for the default synthetic demo on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from amfor.models.amfor import AMFOR
+
+_MODELS: dict[str, Callable[..., AMFOR]] = {}
+
+
+def register_model(fn: Callable[..., AMFOR]) -> Callable[..., AMFOR]:
+    """Register a factory `fn(num_classes, num_cameras=0, **overrides) -> AMFOR` under its function name."""
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def create_model(name: str, num_classes: int, num_cameras: int = 0, pretrained: str | None = None,
+                 **overrides) -> AMFOR:
+    """Build a registered variant; `pretrained`: a local backbone checkpoint (timm / TransReID / HAP) to load;
+    `overrides`: any AMFOR keyword (switches such as `hpr=False`, sizes, loss weights)."""
+    if name not in _MODELS:
+        import difflib
+
+        close = difflib.get_close_matches(name, _MODELS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}; available: {list_models()}")
+    model = _MODELS[name](num_classes, num_cameras, **overrides)
+    if pretrained:
+        model.load_pretrained(pretrained)
+    return model
+
+
+def _build(defaults: dict, num_classes: int, num_cameras: int, overrides: dict) -> AMFOR:
+    return AMFOR(num_classes, num_cameras, **{**defaults, **overrides})
+
+
+@register_model
+def amfor_vit_base_patch16(num_classes: int, num_cameras: int = 0, **overrides) -> AMFOR:
+    defaults = dict(img_size=(256, 128), patch_size=16, stride=16, embed_dim=768, depth=12, num_heads=12,
+                    text_width=512, text_heads=8, text_layers=12, text_dim=512, fusion_points=(1, 2, 4, 6, 8, 10),
+                    part_heads=8, part_ffn_dim=3072, hpr_dim=512, hpr_depth=2, hpr_heads=8, recon_dim=512,
+                    recon_depth=3, recon_heads=8)
+    return _build(defaults, num_classes, num_cameras, overrides)
+
+
+@register_model
+def amfor_vit_small_patch16(num_classes: int, num_cameras: int = 0, **overrides) -> AMFOR:
+    defaults = dict(img_size=(256, 128), patch_size=16, stride=16, embed_dim=384, depth=12, num_heads=6,
+                    text_width=256, text_heads=4, text_layers=6, text_dim=256, fusion_points=(1, 2, 4, 6, 8, 10),
+                    part_heads=6, part_ffn_dim=1536, hpr_dim=256, hpr_depth=1, hpr_heads=8, recon_dim=256,
+                    recon_depth=2, recon_heads=8)
+    return _build(defaults, num_classes, num_cameras, overrides)
+
+
+@register_model
+def amfor_vit_tiny_patch16(num_classes: int, num_cameras: int = 0, **overrides) -> AMFOR:
+    defaults = dict(img_size=(128, 64), patch_size=16, stride=16, embed_dim=192, depth=6, num_heads=3,
+                    drop_path_rate=0.05, text_width=128, text_heads=2, text_layers=2, text_dim=128,
+                    fusion_points=(1, 2, 4), part_heads=4, part_ffn_dim=768, hpr_dim=128, hpr_depth=1, hpr_heads=4,
+                    recon_dim=128, recon_depth=1, recon_heads=4)
+    return _build(defaults, num_classes, num_cameras, overrides)

@@ -1,0 +1,170 @@
+"""Text branch (SPEC-AMFOR section 2): open_clip's text tower, the CLIP-ReID prompt learner, the frozen text bank.
+
+The prompt is "A photo of a X X X X person." where the four X token embeddings are learned per identity. The text
+tower is open_clip's `TextTransformer` (built from a config; weights from a local CLIP checkpoint when given,
+otherwise random) and stays frozen: only the prompts and `text_to_visual` train. CLIP's text transformer is
+causal and pools at the end-of-text token, so the tokens after it cannot change the pooled feature: the prompt
+is run on its own length (12 tokens) instead of the 77-token context, the same result for 1/6 of the work.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import TextTransformer
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PROMPT = "A photo of a X X X X person."
+NUM_CONTEXT = 4  # learnable tokens per identity: the four X
+
+
+class TextEncoder(nn.Module):
+    """open_clip `TextTransformer` run on token embeddings rather than token ids (frozen by the caller).
+
+    width/heads/layers/output_dim: the tower's shape (CLIP ViT-B/16: 512/8/12/512); context_length: its
+    positional-embedding length (77 for CLIP checkpoints).
+    """
+
+    def __init__(self, width: int = 512, heads: int = 8, layers: int = 12, output_dim: int = 512,
+                 context_length: int = 77, vocab_size: int = 49408) -> None:
+        super().__init__()
+        self.tower = TextTransformer(context_length=context_length, vocab_size=vocab_size, width=width, heads=heads,
+                                     layers=layers, output_dim=output_dim)
+        self.width, self.output_dim = width, output_dim
+
+    def token_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [S] long -> [S, width]."""
+        return self.tower.token_embedding(tokens)
+
+    def forward(self, embeds: torch.Tensor, eot: int) -> torch.Tensor:
+        """embeds: [B, S, width] prompt token embeddings (S <= context), eot: position of the end-of-text token
+        -> pooled, projected text features [B, output_dim]."""
+        S = embeds.shape[1]
+        x = embeds + self.tower.positional_embedding[:S].to(embeds.dtype)
+        mask = self.tower.attn_mask[:S, :S].to(embeds.dtype) if self.tower.attn_mask is not None else None
+        x = self.tower.transformer(x, attn_mask=mask)
+        x = self.tower.ln_final(x[:, eot])
+        proj = self.tower.text_projection
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def load_clip(self, path: str | Path) -> list[str]:
+        """Load the text tower from a local open_clip / OpenAI CLIP state dict (.pt/.pth/.bin/.safetensors).
+
+        Keys may sit at the top level (CLIP) or under `text.` / `module.`; the visual tower's keys are ignored.
+        Returns the missing keys; a file without any text-tower key raises naming the file.
+        """
+        from amfor.models.backbone import load_state_dict_file
+
+        state = load_state_dict_file(path)
+        own = self.tower.state_dict()
+        picked = {}
+        for key, value in state.items():
+            for prefix in ("module.", "text.", ""):
+                name = key[len(prefix):] if key.startswith(prefix) else None
+                if name in own:
+                    picked[name] = value
+                    break
+        if not picked:
+            raise ValueError(f"{path}: no CLIP text-tower key (token_embedding, transformer.resblocks.*, ...) found")
+        pos, own_pos = picked.get("positional_embedding"), own["positional_embedding"]
+        if pos is not None and pos.shape != own_pos.shape:
+            raise ValueError(f"{path}: positional_embedding {tuple(pos.shape)} does not fit this tower's "
+                             f"{tuple(own_pos.shape)}")
+        missing, _ = self.tower.load_state_dict(picked, strict=False)
+        log.info("loaded CLIP text tower from %s (%d tensors, %d missing)", path, len(picked), len(missing))
+        return list(missing)
+
+
+class PromptLearner(nn.Module):
+    """CLIP-ReID prompts: fixed prefix/suffix token embeddings around NUM_CONTEXT learned tokens per identity.
+
+    forward(pids [B]) -> prompt embeddings [B, S, width] with S = the prompt's length up to end-of-text.
+    """
+
+    def __init__(self, encoder: TextEncoder, num_classes: int, prompt: str = PROMPT, ctx_std: float = 0.02) -> None:
+        super().__init__()
+        tokens = SimpleTokenizer()(prompt)[0]
+        self.eot = int(tokens.argmax())  # the end-of-text id is the largest in CLIP's vocabulary
+        tokens = tokens[: self.eot + 1]
+        x_id = SimpleTokenizer().encode("X")[0]
+        first = int((tokens == x_id).nonzero()[0])
+        if not bool((tokens[first:first + NUM_CONTEXT] == x_id).all()):
+            raise ValueError(f"prompt {prompt!r} must hold {NUM_CONTEXT} consecutive X tokens")
+        with torch.no_grad():
+            embed = encoder.token_embedding(tokens)
+        self.register_buffer("prefix", embed[:first].clone(), persistent=False)  # [S0, W]
+        self.register_buffer("suffix", embed[first + NUM_CONTEXT:].clone(), persistent=False)  # [S1, W]
+        self.context = nn.Parameter(torch.randn(num_classes, NUM_CONTEXT, encoder.width) * ctx_std)
+        self.num_classes = num_classes
+
+    def forward(self, pids: torch.Tensor) -> torch.Tensor:
+        B = pids.shape[0]
+        ctx = self.context[pids]
+        return torch.cat([self.prefix.expand(B, -1, -1), ctx.to(self.prefix.dtype), self.suffix.expand(B, -1, -1)], 1)
+
+
+class TextBranch(nn.Module):
+    """Frozen text tower + per-identity prompts + `text_to_visual`, and the frozen bank used at stage 2 and test.
+
+    bank: [C, output_dim] text features of every identity, a buffer (saved in checkpoints), filled by
+    `build_bank()` after stage 1; `visual_bank()` maps it to the visual width for the AMFF-Encoder.
+    """
+
+    def __init__(self, num_classes: int, visual_dim: int, width: int = 512, heads: int = 8, layers: int = 12,
+                 output_dim: int = 512, context_length: int = 77, clip_weights: str | None = None) -> None:
+        super().__init__()
+        self.encoder = TextEncoder(width, heads, layers, output_dim, context_length)
+        if clip_weights:
+            self.encoder.load_clip(clip_weights)
+        self.encoder.requires_grad_(False)
+        self.prompts = PromptLearner(self.encoder, num_classes)
+        self.text_to_visual = nn.Linear(output_dim, visual_dim)
+        self.register_buffer("bank", torch.zeros(num_classes, output_dim))
+        self.register_buffer("bank_ready", torch.zeros((), dtype=torch.bool))
+
+    def train(self, mode: bool = True) -> TextBranch:
+        super().train(mode)
+        self.encoder.eval()  # frozen: no dropout, whatever the model's mode
+        return self
+
+    def text_features(self, pids: torch.Tensor) -> torch.Tensor:
+        """pids [B] -> text features [B, output_dim] through the learned prompts (differentiable in the prompts)."""
+        return self.encoder(self.prompts(pids), self.prompts.eot)
+
+    @torch.no_grad()
+    def build_bank(self, chunk: int = 256) -> None:
+        """Fill the frozen bank with every identity's text feature (after stage 1)."""
+        C = self.prompts.num_classes
+        pids = torch.arange(C, device=self.bank.device)
+        self.bank.copy_(torch.cat([self.text_features(pids[s:s + chunk]) for s in range(0, C, chunk)]))
+        self.bank_ready.fill_(True)
+
+    def visual_bank(self, mode: str = "all") -> torch.Tensor:
+        """The bank in visual space: [C, visual_dim] ("all") or [1, visual_dim] ("mean")."""
+        bank = self.bank.mean(0, keepdim=True) if mode == "mean" else self.bank
+        return self.text_to_visual(bank)
+
+
+def contrastive_losses(image_feats: torch.Tensor, text_feats: torch.Tensor, labels: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP-ReID stage-1 losses over the identities of a batch (L2-normalised features, logits x scale).
+
+    image_feats: [B, D]; text_feats: [U, D], one per distinct identity of the batch; labels: [B] in [0, U), the
+    row of text_feats that is each image's identity. i2t: cross-entropy of each image over the U texts; t2i:
+    for each text, the mean negative log-probability of its identity's images among all B images (supervised
+    contrastive). Returns (loss_i2t, loss_t2i).
+    """
+    img = F.normalize(image_feats.float(), dim=1)
+    txt = F.normalize(text_feats.float(), dim=1)
+    logits = scale * img @ txt.T  # [B, U]
+    loss_i2t = F.cross_entropy(logits, labels)
+    positive = (labels[None, :] == torch.arange(txt.shape[0], device=labels.device)[:, None]).float()  # [U, B]
+    log_prob = logits.T.log_softmax(dim=1)
+    loss_t2i = -((log_prob * positive).sum(1) / positive.sum(1).clamp(min=1)).mean()
+    return loss_i2t, loss_t2i

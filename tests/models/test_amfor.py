@@ -1,0 +1,222 @@
+"""The composed AMFOR model: outputs, gradients, switches, eval purity, errors, backends."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from amfor.models import SWITCHES
+from amfor.ops import available_backends, use_backend
+
+
+def train_step(model, batch):
+    model.train()
+    out = model(batch["img"], batch["pid"], batch["camid"], batch["mask"], batch["occlusion"])
+    out["loss"].backward()
+    return out
+
+
+def valid_switches():
+    """Every switch combination the dependencies allow (teacher_student and part_recon need parts, amgd needs
+    teacher_student)."""
+    for values in itertools.product([False, True], repeat=len(SWITCHES)):
+        s = dict(zip(SWITCHES, values, strict=True))
+        if (s["teacher_student"] or s["part_recon"]) and not s["parts"]:
+            continue
+        if s["amgd"] and not s["teacher_student"]:
+            continue
+        yield s
+
+
+COMBOS = list(valid_switches())
+
+
+def expected_terms(s):
+    terms = {"id", "triplet"}
+    if s["text"]:
+        terms.add("i2t")
+    if s["parts"]:
+        terms |= {"visibility", "triplet_parts", "diversity", "id_foreground", "parsing", "id_parts", "id_granularity"}
+    if s["amgd"]:
+        terms.add("amgd")
+    if s["part_recon"]:
+        terms |= {"id_recon", "part_reconstruction"}
+    if s["hpr"]:
+        terms.add("reconstruction")
+    return {f"loss_{t}" for t in terms}
+
+
+def test_the_combinations_are_the_documented_ones():
+    assert len(COMBOS) == 56  # 8 for amff x text x hpr, times 7 for parts / teacher / amgd / part_recon
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switches", COMBOS, ids=lambda s: "-".join(k for k, v in s.items() if v) or "baseline")
+def test_every_switch_combination_trains_and_every_parameter_gets_a_gradient(switches, batch, small):
+    model = small.model(**switches)
+    out = train_step(model, batch)
+    losses = {k for k in out if k.startswith("loss_")}
+    assert losses == expected_terms(switches)
+    for k in losses | {"loss"}:
+        assert torch.isfinite(out[k]), k
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert unused == []
+    model.eval()
+    feats = model(batch["img"], batch["camid"])
+    P = 1 + (model.num_parts if switches["parts"] else 0)
+    assert feats["features"].shape == (4, P, small.config["embed_dim"]) and feats["visibility"].shape == (4, P)
+
+
+def test_total_is_the_weighted_sum_of_the_terms(batch, small):
+    weights = {"id": 2.0, "reconstruction": 0.5, "amgd": 0.0}
+    model = small.model(loss_weights=weights)
+    model.train()
+    torch.manual_seed(1)
+    out = model(batch["img"], batch["pid"], batch["camid"], batch["mask"], batch["occlusion"])
+    total = sum(model.loss_weights[k[5:]] * v for k, v in out.items() if k.startswith("loss_"))
+    torch.testing.assert_close(out["loss"], total)
+    assert model.loss_weights["id"] == 2.0 and model.loss_weights["triplet"] == 1.0
+
+
+def test_unknown_loss_weight_and_bad_switches(small):
+    with pytest.raises(ValueError, match="unknown loss weight 'idd'"):
+        small.model(loss_weights={"idd": 1.0})
+    with pytest.raises(ValueError, match="amgd=True needs teacher_student=True"):
+        small.model(teacher_student=False)
+    with pytest.raises(ValueError, match="teacher_student=True needs parts=True"):
+        small.model(parts=False, amgd=False)
+
+
+def test_eval_is_deterministic_and_runs_no_training_branch(batch, small):
+    model = small.model()
+    model.train()
+    for _ in range(2):  # move the BN statistics away from their initial values
+        train_step(model, batch)
+    model.eval()
+    called = []
+    for name in ("amgd", "patch_decoder", "part_reconstructor"):
+        getattr(model, name).register_forward_hook(lambda *a, name=name: called.append(name))
+    rng = torch.get_rng_state()
+    first = model(batch["img"], batch["camid"])
+    second = model(batch["img"], batch["camid"])
+    assert torch.equal(torch.get_rng_state(), rng), "eval drew random numbers (a teacher mask or a masked view)"
+    assert called == []
+    for key in ("features", "visibility"):
+        assert torch.equal(first[key], second[key])
+    norms = first["features"].norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+    assert set(first["visibility"].unique().tolist()) <= {0.0, 1.0} and bool((first["visibility"][:, 0] == 1).all())
+    glob = model(batch["img"], batch["camid"], global_only=True)["features"]
+    assert glob.shape == (4, small.config["embed_dim"])
+    torch.testing.assert_close(glob, first["features"][:, 0])
+
+
+def test_eval_without_parts_gives_the_global_feature(batch, small):
+    model = small.model(parts=False, teacher_student=False, amgd=False, part_recon=False).eval()
+    out = model(batch["img"], batch["camid"])
+    assert out["features"].shape == (4, 1, small.config["embed_dim"]) and bool((out["visibility"] == 1).all())
+
+
+def test_text_bank_is_required_and_frozen_into_the_model(small):
+    from amfor.models import AMFOR
+
+    model = AMFOR(small.num_classes, small.num_cameras, **small.config)
+    b = small.batch(small.config["img_size"])
+    with pytest.raises(RuntimeError, match="finish_stage1"):
+        model.train()(b["img"], b["pid"], b["camid"])
+    feats = torch.randn(4, small.config["embed_dim"])
+    stage1 = model.stage1_loss(feats, b["pid"])
+    stage1["loss"].backward()
+    trained = list(model.stage1_parameters())
+    assert all(p.grad is not None for p in trained)
+    assert all(p.grad is None for p in model.backbone.parameters())
+    model.finish_stage1()
+    assert bool(model.text.bank_ready) and not model.text.prompts.context.requires_grad
+    expected = model.text.text_features(torch.arange(small.num_classes))
+    torch.testing.assert_close(model.state_dict()["text.bank"], expected)
+
+
+def test_stage1_features_are_the_global_feature(batch, small):
+    model = small.model().eval()
+    with torch.no_grad():
+        g = model.stage1_features(batch["img"], batch["camid"])
+    assert g.shape == (4, small.config["embed_dim"]) and torch.isfinite(g).all()
+
+
+def test_stage1_losses_fall_when_the_prompts_learn(small):
+    model = small.model()
+    torch.manual_seed(0)
+    feats = torch.randn(12, small.config["embed_dim"])
+    pids = torch.arange(12) % small.num_classes
+    model.text.prompts.context.requires_grad_(True)
+    opt = torch.optim.Adam(model.stage1_parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss = model.stage1_loss(feats, pids)["loss"]
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(img=torch.randn(4, 3, 32, 32)), r"image must be \[B, 3, 64, 32\]"),
+    (dict(camid=torch.tensor([0, 1, 2, 3])), r"camids must lie in \[0, 3\)"),
+    (dict(pid=torch.tensor([0, 0, 1, 6])), r"pids must lie in \[0, num_classes = 6\)"),
+    (dict(mask=torch.zeros(4, 32, 32, dtype=torch.long)), r"masks must be \[B, H, W\]"),
+])
+def test_bad_input_gets_a_clear_error(bad, match, small):
+    model = small.model().train()
+    b = {**small.batch(small.config["img_size"]), **bad}
+    with pytest.raises(ValueError, match=match):
+        model(b["img"], b["pid"], b["camid"], b["mask"], b["occlusion"])
+
+
+def test_a_non_checkpoint_file_is_named(tmp_path):
+    from amfor import create_model
+
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(Exception, match="weights.pth"):
+        create_model("amfor_vit_tiny_patch16", num_classes=4, pretrained=str(bad))
+
+
+def test_loading_a_transreid_style_checkpoint_with_another_grid(tmp_path):
+    from amfor import create_model
+    from amfor.models import ReIDViT
+
+    torch.manual_seed(0)
+    src = ReIDViT((128, 64), 16, 12, embed_dim=192, depth=6, num_heads=3, drop_path_rate=0.0)  # 10 x 5 grid
+    state = {f"module.base.{k}": v for k, v in src.state_dict().items()}
+    state["module.classifier.weight"] = torch.zeros(4, 192)
+    path = tmp_path / "transreid.pth"
+    torch.save(state, path)
+    model = create_model("amfor_vit_tiny_patch16", num_classes=4, pretrained=str(path))  # stride 16: 8 x 4 grid
+    got = model.backbone.state_dict()
+    torch.testing.assert_close(got["blocks.2.attn.qkv.weight"], src.state_dict()["blocks.2.attn.qkv.weight"])
+    torch.testing.assert_close(got["last_block.mlp.fc1.weight"], src.state_dict()["last_block.mlp.fc1.weight"])
+    assert got["pos_embed"].shape == (1, 1 + 8 * 4, 192)
+
+
+def seeded_step(model, batch, backend):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(123)
+    with use_backend(backend):
+        out = train_step(model, batch)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in out.items()}, grads
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpp", "triton") if b in available_backends("cpu")])
+def test_the_backend_changes_speed_not_results(backend, batch, small):
+    model = small.model()
+    ref_out, ref_grads = seeded_step(model, batch, "torch")
+    out, grads = seeded_step(model, batch, backend)
+    for k in ref_out:
+        torch.testing.assert_close(out[k], ref_out[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-3, atol=1e-5, msg=n)
