@@ -1,6 +1,6 @@
 """The AMFOR model (SPEC-AMFOR.md): backbone + AMFF-Encoder, part branch with teacher-student decoder, HPR-Decoder,
-BNNeck heads and the loss dict. One method per stage, as MAE: `forward_encoder`, `forward_parts`,
-`forward_masked_view`, `forward_losses`; `forward` dispatches on the mode.
+BNNeck heads and the loss dict. One method per stage, as MAE: `forward_encoder`, `forward_global`,
+`forward_parts`, `forward_masked_view`, `forward_losses`; `forward` dispatches on the mode.
 
 Training: `model(images, pids, camids, masks=None, occlusion=None)` -> {"loss": weighted total, "loss_<term>": ...,
 diagnostics}. Eval: `model(images, camids)` -> {"features": [B, 1 + P, D], "visibility": [B, 1 + P]}, or
@@ -75,7 +75,8 @@ class AMFOR(nn.Module):
                  num_parts: int = NUM_PARTS, part_heads: int = 8, part_ffn_dim: int = 3072, part_depth: int = 1,
                  flip_pairs: Sequence[tuple[int, int]] = FLIP_PAIRS, amgd_temperature: float = 4.0,
                  # HPR
-                 mask_ratio: float = 0.5, hpr_dim: int = 512, hpr_depth: int = 1, hpr_heads: int = 8,
+                 mask_ratio: float = 0.75, hpr_fusion: bool = False, hpr_dim: int = 512, hpr_depth: int = 1,
+                 hpr_heads: int = 8,
                  recon_dim: int = 512, recon_depth: int = 3, recon_heads: int = 8, recon_hide_prob: float = 0.25,
                  # losses
                  loss_weights: Mapping[str, float] | None = None, triplet_margin: float | None = None,
@@ -89,7 +90,7 @@ class AMFOR(nn.Module):
         self.triplet_margin, self.label_smoothing, self.parsing_smoothing = triplet_margin, label_smoothing, \
             parsing_smoothing
         self.text_bank_mode, self.text_scale = text_bank, 1.0 / text_temperature
-        self.mask_ratio, self.recon_hide_prob = mask_ratio, recon_hide_prob
+        self.mask_ratio, self.hpr_fusion, self.recon_hide_prob = mask_ratio, hpr_fusion, recon_hide_prob
         self.flip_pairs = tuple(tuple(p) for p in flip_pairs)  # feature indices of [global, P parts] = part labels
 
         self.backbone = ReIDViT(img_size, patch_size, stride, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
@@ -163,8 +164,7 @@ class AMFOR(nn.Module):
 
     def stage1_features(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
         """The image feature prompts are aligned to: g [B, D] from the (frozen) encoder, no text bank."""
-        _, G = self.forward_encoder(images, camids, None)
-        return G[:, 0]
+        return self.forward_global(self.forward_encoder(images, camids, None))[:, 0]
 
     def stage1_loss(self, image_feats: torch.Tensor, pids: torch.Tensor) -> dict[str, torch.Tensor]:
         """CLIP-ReID image-text contrastive losses for cached image features [B, D] and their pids [B]."""
@@ -194,20 +194,27 @@ class AMFOR(nn.Module):
 
     # -- encoder ---------------------------------------------------------------------------------------------------
     def forward_encoder(self, images: torch.Tensor, camids: torch.Tensor | None, text_keys: torch.Tensor | None,
-                        index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens through the shared blocks with AMFF at the fusion points, then the global branch.
+                        index: torch.Tensor | None = None, fusion: bool = True) -> torch.Tensor:
+        """Tokens through the shared blocks with AMFF at the fusion points (unless `fusion=False`): the memory M.
 
         images: [B, 3, H, W]; index: [B, K] kept patches (the masked view) or None (all N)  ->
-        (M [B, 1 + N', D], G [B, 1 + N', D]) with N' = K or N.
+        M [B, 1 + N', D] with N' = K or N.
         """
         x = self.embed(images, camids, index)
+        fuse = self.fusion if fusion else None
         layers = [x]
         for k, blk in enumerate(self.backbone.blocks, start=1):
             x = blk(x)
+            if fuse is None:
+                continue
             layers.append(x)
-            if self.fusion is not None and k in self.fusion:
+            if k in fuse:
                 x = self.fusion(k, layers, text_keys)
-        return x, self.backbone.norm(self.backbone.last_block(x))
+        return x
+
+    def forward_global(self, M: torch.Tensor) -> torch.Tensor:
+        """The global branch: G = LayerNorm(copy of the last block(M)), [B, 1 + N, D]; g = G[:, 0]."""
+        return self.backbone.norm(self.backbone.last_block(M))
 
     def embed(self, images: torch.Tensor, camids: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor:
         """x_0 [B, 1 + N', D]: CLS + (kept) patch tokens with their position embedding, + camera embedding."""
@@ -272,7 +279,7 @@ class AMFOR(nn.Module):
         if occlusion is not None:
             occluded = patch_occlusion(occlusion, vit.patch_size, vit.stride).flatten(1)
         index, _, target = choose_masked_patches(occluded, B, N, self.mask_ratio, device=images.device)
-        latent, _ = self.forward_encoder(images, camids, text_keys, index)
+        latent = self.forward_encoder(images, camids, text_keys, index, fusion=self.hpr_fusion)
         pred = self.patch_decoder(latent, index)
         pixels = patchify(images, vit.patch_size, vit.stride)
         return patch_reconstruction_loss(pred, pixels, target)
@@ -353,7 +360,8 @@ class AMFOR(nn.Module):
                       ) -> dict[str, torch.Tensor]:
         self._check_batch(images, pids, masks, occlusion)
         text_keys = self.text_keys()
-        M, G = self.forward_encoder(images, camids, text_keys)
+        M = self.forward_encoder(images, camids, text_keys)
+        G = self.forward_global(M)
         part = self.forward_parts(M, G, self.switches["teacher_student"]) if self.switches["parts"] else None
         targets = self.token_targets(masks) if part is not None else None
         losses = self.forward_losses(G, pids, part, targets)
@@ -367,7 +375,8 @@ class AMFOR(nn.Module):
 
     def forward_eval(self, images: torch.Tensor, camids: torch.Tensor | None = None, global_only: bool = False
                      ) -> dict[str, torch.Tensor]:
-        M, G = self.forward_encoder(images, camids, self.text_keys())
+        M = self.forward_encoder(images, camids, self.text_keys())
+        G = self.forward_global(M)
         g = self.global_neck.bn(G[:, 0])
         if global_only:
             return {"features": F.normalize(g, dim=-1)}

@@ -46,6 +46,7 @@ class PatchDecoder(nn.Module):
                  num_heads: int = 8, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         self.num_patches = num_patches
+        self.norm_in = nn.LayerNorm(embed_dim, eps=1e-6)  # the memory is the un-normalised residual stream
         self.embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1 + num_patches, decoder_dim))
@@ -56,7 +57,7 @@ class PatchDecoder(nn.Module):
         trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, latent: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        x = self.embed(latent)
+        x = self.embed(self.norm_in(latent))
         cls = x[:, :1] + self.pos_embed[:1]
         grid = masked_scatter(x[:, 1:], index, self.num_patches, self.mask_token, self.pos_embed[1:])
         x = torch.cat([cls, grid], dim=1)

@@ -80,6 +80,15 @@ def test_total_is_the_weighted_sum_of_the_terms(batch, small):
     assert model.loss_weights["id"] == 2.0 and model.loss_weights["triplet"] == 1.0
 
 
+@pytest.mark.parametrize("hpr_fusion", [False, True])
+def test_the_masked_view_runs_with_or_without_the_fusion_points(hpr_fusion, batch, small):
+    model = small.model(hpr_fusion=hpr_fusion)
+    calls = []
+    model.fusion.register_forward_hook(lambda *a: calls.append(1))
+    out = train_step(model, batch)
+    assert torch.isfinite(out["loss_reconstruction"]) and len(calls) == 2 * (1 + hpr_fusion)  # 2 fusion points
+
+
 def test_unknown_loss_weight_and_bad_switches(small):
     with pytest.raises(ValueError, match="unknown loss weight 'idd'"):
         small.model(loss_weights={"idd": 1.0})

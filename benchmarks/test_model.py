@@ -1,0 +1,136 @@
+"""AMFOR training-step throughput: the full model against its own plain baseline, per backend, with the cost of each
+component.
+
+CPU: `amfor_vit_tiny_patch16` at 128x64, batch 64 (16 identities x 4), two threads (the default demo's setting).
+GPU: `amfor_vit_base_patch16` at 256x128, batch 64, bf16 autocast. A step is forward + backward + SGD update.
+- `test_training_step[<config>-<backend>]`: images/s of one configuration ("baseline": every switch off, the
+  TransReID-style ID + triplet model; "full": every component on) with one op backend.
+- `test_full_vs_baseline`: both configurations interleaved in one run (same machine state), the ratio of their
+  images/s (target: full >= 0.6x baseline), the marginal cost of each component (the full step minus the step
+  without it) and the profiler's forward split by model stage. Run with `-s` to see the table.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import amfor
+from amfor.ops import available_backends, use_backend
+from benchmarks.common import measure
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAME = "amfor_vit_base_patch16" if DEVICE == "cuda" else "amfor_vit_tiny_patch16"
+BATCH, IDS, CAMERAS, CLASSES = 64, 16, 6, 170
+OFF = dict(amff=False, text=False, parts=False, teacher_student=False, amgd=False, hpr=False, part_recon=False)
+CONFIGS = {"baseline": OFF, "full": {}}
+WITHOUT = {"amff": dict(amff=False), "text": dict(text=False), "hpr": dict(hpr=False), "amgd": dict(amgd=False),
+           "part_recon": dict(part_recon=False), "teacher_student": dict(teacher_student=False, amgd=False),
+           "parts": dict(parts=False, teacher_student=False, amgd=False, part_recon=False)}
+STAGES = ("forward_encoder", "forward_parts", "forward_losses", "forward_masked_view")
+TARGET_RATIO = 0.6
+
+
+def make_batch(size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    H, W = size
+    occlusion = torch.zeros(BATCH, H, W, dtype=torch.bool)
+    occlusion[: BATCH // 4, H // 2:] = True  # a quarter of the batch occluded below the waist
+    batch = {"img": torch.randn(BATCH, 3, H, W, generator=g), "pid": torch.arange(IDS).repeat_interleave(BATCH // IDS),
+             "camid": torch.randint(0, CAMERAS, (BATCH,), generator=g),
+             "mask": torch.randint(0, 9, (BATCH, H, W), generator=g), "occlusion": occlusion}
+    return {k: v.to(DEVICE) for k, v in batch.items()}
+
+
+class Step:
+    """One training step of a model built with `switches`: forward, backward, SGD update."""
+
+    def __init__(self, **switches) -> None:
+        torch.manual_seed(0)
+        self.model = amfor.create_model(NAME, CLASSES, CAMERAS, **switches).to(DEVICE)
+        self.model.finish_stage1()
+        self.model.train()
+        self.opt = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+        self.batch = make_batch(self.model.input_size)
+
+    def __call__(self) -> None:
+        b = self.batch
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
+            out = self.model(b["img"], b["pid"], b["camid"], b["mask"], b["occlusion"])
+        self.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        self.opt.step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+
+def best_seconds(step: Step, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "cuda"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_training_step(benchmark, config, backend):
+    if backend not in available_backends(DEVICE) or (DEVICE == "cpu" and backend == "triton"):
+        pytest.skip(f"{backend} does not run on {DEVICE} here (the Triton interpreter is not a CPU backend)")
+    step = Step(**CONFIGS[config])
+    with use_backend(backend):
+        ms = measure(benchmark, step, DEVICE, rounds=5 if DEVICE == "cpu" else 20, model=NAME, config=config,
+                     backend=backend, batch=BATCH)
+    benchmark.extra_info["images_per_s"] = BATCH / (ms * 1e-3)
+
+
+def stage_split(step: Step) -> dict[str, float]:
+    """Forward milliseconds per model stage (profiler ranges around the AMFOR stage methods)."""
+    model = step.model
+    originals = {name: getattr(model, name) for name in STAGES}
+
+    def wrap(name):
+        def run(*args, **kwargs):
+            with record_function(f"stage:{name}"):
+                return originals[name](*args, **kwargs)
+        return run
+
+    for name in STAGES:
+        setattr(model, name, wrap(name))
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+    finally:
+        for name in STAGES:
+            delattr(model, name)
+    totals = {e.key[6:]: e.cpu_time_total / 1e3 for e in prof.key_averages() if e.key.startswith("stage:")}
+    return totals
+
+
+def test_full_vs_baseline(benchmark):
+    """Full model vs its plain baseline and the marginal cost of each component, all in this one run."""
+    backend = "cpp" if DEVICE == "cpu" and "cpp" in available_backends("cpu") else "auto"
+    rounds = 4 if DEVICE == "cpu" else 20
+    steps = {"baseline": Step(**OFF), "full": Step()} | {f"without {k}": Step(**v) for k, v in WITHOUT.items()}
+    with use_backend(backend):
+        for step in steps.values():
+            step()  # warm-up
+        seconds = {name: best_seconds(step, rounds) for name, step in steps.items()}
+        split = stage_split(steps["full"])
+        benchmark.pedantic(steps["full"], rounds=1, warmup_rounds=0)
+    ips = {name: BATCH / s for name, s in seconds.items()}
+    ratio = ips["full"] / ips["baseline"]
+    cost = {k: (seconds["full"] - seconds[f"without {k}"]) * 1e3 for k in WITHOUT}
+    benchmark.extra_info.update(model=NAME, backend=backend, batch=BATCH, images_per_s=ips, ratio=ratio,
+                                target_ratio=TARGET_RATIO, meets_target=ratio >= TARGET_RATIO,
+                                marginal_ms=cost, forward_stage_ms=split)
+    print(f"\n{NAME} batch {BATCH} on {DEVICE} ({backend}): full {ips['full']:.1f} img/s, baseline "
+          f"{ips['baseline']:.1f} img/s, ratio {ratio:.2f} (target >= {TARGET_RATIO})")
+    for k, ms in cost.items():
+        print(f"  {k:16s} costs {ms:7.1f} ms of the {seconds['full'] * 1e3:.1f} ms step")
+    for k, ms in split.items():
+        print(f"  forward {k:20s} {ms:7.1f} ms")
