@@ -37,8 +37,9 @@ from amfor.models.backbone import ReIDViT
 from amfor.models.fusion import AMFFEncoder
 from amfor.models.heads import BNNeck, PartNecks
 from amfor.models.parts import PartClassifier, PartDecoder, VisibilityHead, teacher_masks, weighted_pooling
-from amfor.models.reconstruction import PartReconstructor, PatchDecoder, choose_masked_patches
+from amfor.models.reconstruction import PartReconstructor, choose_masked_patches
 from amfor.models.text import TextBranch, contrastive_losses
+from amfor.nn import MAEDecoder
 from amfor.ops import masked_gather
 
 LOSS_WEIGHTS = {  # SPEC-AMFOR section 6: every term weighted 1.0
@@ -112,7 +113,8 @@ class AMFOR(nn.Module):
         self.amgd = AMGDLoss(D, P + 2, num_heads=part_heads, temperature=amgd_temperature) if amgd else None
         if hpr:
             pixels = 3 * patch_size * patch_size
-            self.patch_decoder = PatchDecoder(D, self.backbone.num_patches, pixels, hpr_dim, hpr_depth, hpr_heads)
+            self.patch_decoder = MAEDecoder(D, self.backbone.num_patches, pixels, hpr_dim, hpr_depth, hpr_heads,
+                                            num_prefix_tokens=1, normalize_input=True)  # M is not normalised
         self.part_reconstructor = PartReconstructor(D, P, recon_dim, recon_depth, recon_heads) if part_recon else None
 
     # -- construction helpers ----------------------------------------------------------------------------------

@@ -3,10 +3,10 @@
 Patch level (masked image modelling on an extra masked view): `choose_masked_patches` drops the patches an
 augmentation occluder covered, topped up at random to the mask ratio (amfor.ops.random_masking on occlusion
 scores); the encoder sees only the kept tokens (amfor.ops.masked_gather, position embedding added in the same
-pass); `PatchDecoder` scatters them back on the grid with a learned mask token and its own position embedding
-(amfor.ops.masked_scatter) and predicts every patch's pixels. The true pixels under an augmentation occluder
-are not in the batch, so the pixel loss covers the patches masked at random only; the occluded ones are still
-withheld from the encoder, which must describe the person without them.
+pass); the decoder (`amfor.nn.MAEDecoder`) scatters them back on the grid with a learned mask token and its own
+position embedding (amfor.ops.masked_scatter) and predicts every patch's pixels. The true pixels under an
+augmentation occluder are not in the batch, so the pixel loss covers the patches masked at random only; the
+occluded ones are still withheld from the encoder, which must describe the person without them.
 
 Part level: `PartReconstructor` rebuilds part features from the foreground feature and the visible parts, the
 hidden parts replaced by a learned mask token.
@@ -19,7 +19,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from amfor.ops import masked_scatter, random_masking
+from amfor.ops import random_masking
 
 
 def choose_masked_patches(patch_occluded: torch.Tensor | None, batch: int, num_patches: int, mask_ratio: float,
@@ -37,33 +37,6 @@ def choose_masked_patches(patch_occluded: torch.Tensor | None, batch: int, num_p
     index, mask = random_masking(batch, num_patches, keep, scores=scores, device=device)
     target = mask if patch_occluded is None else mask & ~patch_occluded.to(mask.device)
     return index, mask, target
-
-
-class PatchDecoder(nn.Module):
-    """MAE-style decoder: encoded kept tokens [B, 1 + K, D] + their indices -> pixels of every patch [B, N, pixels]."""
-
-    def __init__(self, embed_dim: int, num_patches: int, patch_pixels: int, decoder_dim: int = 512, depth: int = 1,
-                 num_heads: int = 8, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        self.num_patches = num_patches
-        self.norm_in = nn.LayerNorm(embed_dim, eps=1e-6)  # the memory is the un-normalised residual stream
-        self.embed = nn.Linear(embed_dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(decoder_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1 + num_patches, decoder_dim))
-        self.blocks = nn.ModuleList(Block(decoder_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth))
-        self.norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.pred = nn.Linear(decoder_dim, patch_pixels)
-        trunc_normal_(self.mask_token, std=0.02)
-        trunc_normal_(self.pos_embed, std=0.02)
-
-    def forward(self, latent: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        x = self.embed(self.norm_in(latent))
-        cls = x[:, :1] + self.pos_embed[:1]
-        grid = masked_scatter(x[:, 1:], index, self.num_patches, self.mask_token, self.pos_embed[1:])
-        x = torch.cat([cls, grid], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.pred(self.norm(x[:, 1:]))
 
 
 class PartReconstructor(nn.Module):

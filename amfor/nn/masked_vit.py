@@ -1,0 +1,86 @@
+"""MAE-style masked training for any timm ViT on the fused ops: the encoder on the kept patches only
+(`masked_gather`, position embedding added in the same pass) and a decoder that puts them back on the grid with a
+mask token (`masked_scatter`).
+
+    index, mask = random_masking(B, vit.patch_embed.num_patches, keep)      # or scores= for occlusion-driven
+    latent = masked_forward_features(vit, images, index)                     # [B, P + K, D]
+    pred = MAEDecoder(D, N, 3 * p * p, num_prefix_tokens=P)(latent, index)   # [B, N, 3 p p]
+
+`masked_forward_features` equals timm's own sequence (patch embedding, `_pos_embed`, a gather of the kept
+tokens, the blocks, the final norm) exactly, without adding position embeddings to the dropped tokens or ever
+materialising the full token sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from amfor.ops import masked_gather, masked_scatter
+
+
+def _check_vit(vit: nn.Module) -> None:
+    for attr in ("patch_embed", "pos_embed", "blocks", "norm", "num_prefix_tokens"):
+        if not hasattr(vit, attr):
+            raise TypeError(f"{type(vit).__name__} has no `{attr}`: not a timm VisionTransformer")
+    if getattr(vit, "dynamic_img_size", False):
+        raise ValueError("masked_forward_features needs a fixed image size (dynamic_img_size=False)")
+
+
+def masked_forward_features(vit: nn.Module, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """timm ViT `forward_features` on the kept patches: images [B, C, H, W], index [B, K] (patch numbers, prefix
+    tokens excluded)  ->  [B, P + K, D] (prefix tokens first, then the kept patches in `index` order)."""
+    _check_vit(vit)
+    x = vit.patch_embed(images)  # [B, N, D]
+    B, P = x.shape[0], vit.num_prefix_tokens
+    pos = vit.pos_embed[0] if vit.pos_embed is not None else None
+    no_embed_class = getattr(vit, "no_embed_class", False)
+    patch_pos = pos if (pos is None or no_embed_class) else pos[P:]
+    kept = masked_gather(x, index, patch_pos)
+    prefix = [t.expand(B, -1, -1) for t in (getattr(vit, "cls_token", None), getattr(vit, "reg_token", None))
+              if t is not None]
+    if prefix:
+        prefix = torch.cat(prefix, dim=1)
+        if pos is not None and not no_embed_class:
+            prefix = prefix + pos[:P]
+        kept = torch.cat([prefix, kept], dim=1)
+    x = vit.norm_pre(vit.pos_drop(kept)) if hasattr(vit, "norm_pre") else vit.pos_drop(kept)
+    for blk in vit.blocks:
+        x = blk(x)
+    return vit.norm(x)
+
+
+class MAEDecoder(nn.Module):
+    """MAE's decoder on masked_scatter: encoded tokens [B, P + K, D] and the kept indices [B, K] -> [B, N, out_dim].
+
+    embed D -> decoder_dim, the K kept tokens scattered onto the N-token grid with a learned mask token and the
+    decoder's learned position embedding in one pass, `depth` timm Blocks, a prediction head (e.g. 3 p p pixels).
+    normalize_input: LayerNorm on the encoder output first (for an encoder without a final norm).
+    """
+
+    def __init__(self, embed_dim: int, num_patches: int, out_dim: int, decoder_dim: int = 512, depth: int = 1,
+                 num_heads: int = 8, mlp_ratio: float = 4.0, num_prefix_tokens: int = 1,
+                 normalize_input: bool = False) -> None:
+        super().__init__()
+        self.num_patches, self.num_prefix_tokens = num_patches, num_prefix_tokens
+        self.norm_in = nn.LayerNorm(embed_dim, eps=1e-6) if normalize_input else nn.Identity()
+        self.embed = nn.Linear(embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(decoder_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(num_prefix_tokens + num_patches, decoder_dim))
+        self.blocks = nn.ModuleList(Block(decoder_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.pred = nn.Linear(decoder_dim, out_dim)
+        trunc_normal_(self.mask_token, std=0.02)
+        trunc_normal_(self.pos_embed, std=0.02)
+
+    def forward(self, latent: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        P = self.num_prefix_tokens
+        x = self.embed(self.norm_in(latent))
+        prefix = x[:, :P] + self.pos_embed[:P]
+        grid = masked_scatter(x[:, P:], index, self.num_patches, self.mask_token, self.pos_embed[P:])
+        x = torch.cat([prefix, grid], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.pred(self.norm(x[:, P:]))
