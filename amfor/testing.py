@@ -1,7 +1,9 @@
 """Helpers for testing amfor ops (used by tests/ and benchmarks/; also useful to anyone adding an op).
 
 - `devices()`: "cpu", plus "cuda" when a GPU is present.
-- `backends(device)`: the concrete backends that run there (`torch` always).
+- `backends(device, op=None)`: the concrete backends that run there (`torch` always), for `op` when given.
+- `require_backend(device, backend, op=None)`: skip the calling test (pytest.skip, with the reason) when
+  `backend` cannot run `op` on `device`: a GPU test of a backend that was not built skips, it does not fail.
 - `poisoned()`: uninitialised tensors (torch.empty, at::empty) come back filled with NaN, so an output element
   a kernel forgot to write fails the comparison instead of passing by luck.
 - `assert_close_lowp(actual, reference, reference_lowp)`: the tolerance rule for low precision: the error of
@@ -16,7 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
-from amfor.ops import available_backends
+from amfor.ops import available_backends, unavailable_reasons
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -26,9 +28,20 @@ def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def backends(device: str) -> list[str]:
-    """Concrete backends that can run on `device`."""
-    return available_backends(device)
+def backends(device: str, op: str | None = None) -> list[str]:
+    """Concrete backends that can run on `device` (that have `op`, when given)."""
+    return available_backends(device, op)
+
+
+def require_backend(device: str, backend: str, op: str | None = None) -> None:
+    """pytest.skip the calling test or benchmark, naming the reason, when `backend` cannot run there."""
+    import pytest  # only where tests run: amfor itself does not depend on pytest
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    missing = unavailable_reasons(device, op)
+    if backend in missing:
+        pytest.skip(f"{backend} on {device}: {missing[backend]}")
 
 
 @contextlib.contextmanager

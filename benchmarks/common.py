@@ -8,19 +8,23 @@ the callable. On the CPU it is pytest-benchmark's wall clock.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
-import pytest
 import torch
 
+from amfor.testing import require_backend
 
-def skip_unless(device: str, backend: str) -> None:
-    """Skip the benchmark, with the reason, when `backend` cannot run on `device`."""
-    from amfor.ops._backend import unavailable_reasons
+# One vocabulary in every benchmark file: providers and modes.
+REFERENCE, REFERENCE_COMPILED = "reference", "reference_compiled"  # our eager reference and its torch.compile
+KERNELS = ("triton", "cuda", "cpp")  # our kernels; a peer goes by its own name (mae, sdpa_loop, xformers, liger)
+MODES = ("forward", "backward", "full")  # full = forward + backward
+QUICK = os.environ.get("AMFOR_BENCH_QUICK") == "1"  # headline sizes only (gpu_report --quick)
 
-    missing = unavailable_reasons(device)
-    if backend in missing:
-        pytest.skip(f"{backend} on {device}: {missing[backend]}")
+
+def skip_unless(device: str, backend: str, op: str | None = None) -> None:
+    """Skip the benchmark, with the reason, when `backend` cannot run (`op`) on `device`."""
+    require_backend(device, backend, op)
 
 
 def gpu_median_ms(fn: Callable[[], object]) -> float:

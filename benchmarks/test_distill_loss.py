@@ -1,13 +1,13 @@
-"""distill_kl_loss throughput: eager reference, torch.compile of it, Liger's KL loss, Triton, CUDA, C++ CPU.
+"""distill_kl_loss throughput: `reference`, `reference_compiled`, `liger` (Liger's KL loss), `triton`, `cuda`, `cpp`.
 
 Sizes: G = 11 granularities, B = 64, C in {702, 751, 1501, 4101} identities, bfloat16 and float32 (on the CPU
 a smaller batch and two class counts, so the file finishes in a few minutes). Modes, as in training (the student
 requires grad, the teacher does not):
-- fwd:  the loss (the fused kernels also write the student's gradient here: that is their design);
-- bwd:  the backward alone, after an untimed forward (CUDA events around backward on GPU; setup on CPU);
-- both: forward + backward (torch.autograd.grad of the loss).
-extra_info: median_ms, GB/s over the ideal traffic (fwd: read both logits; bwd: write the gradient; both: read
-both, write the gradient), copy_fraction, and on GPU for "both": launches (CUDA kernels per forward+backward,
+- forward:  the loss (the fused kernels also write the student's gradient here: that is their design);
+- backward: the backward alone, after an untimed forward (CUDA events around backward on GPU; setup on CPU);
+- full:     forward + backward (torch.autograd.grad of the loss).
+extra_info: median_ms, GB/s over the ideal traffic (forward: read both logits; backward: write the gradient; full:
+read both, write the gradient), copy_fraction, and on GPU for "full": launches (CUDA kernels per forward+backward,
 torch.profiler) and peak_extra_bytes (torch.cuda.max_memory_allocated above the inputs during forward+backward,
 the returned gradient included) with grad_bytes (one gradient tensor) to compare with.
 """
@@ -22,15 +22,14 @@ import torch
 
 from amfor.ops import distill_kl_loss, use_backend
 from amfor.ops.distill_loss import distill_kl_loss_reference
-from benchmarks.common import copy_bandwidth_gbps, measure, skip_unless
+from benchmarks.common import MODES, QUICK, REFERENCE, REFERENCE_COMPILED, copy_bandwidth_gbps, measure, skip_unless
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 G = 11
 B = 64 if DEVICE == "cuda" else 8
-CLASSES = (702, 751, 1501, 4101) if DEVICE == "cuda" else (751, 4101)
-DTYPES = (torch.bfloat16, torch.float32)
-PROVIDERS = ("eager", "compile", "liger", "triton", "cuda", "cpp")
-MODES = ("fwd", "bwd", "both")
+CLASSES = (751,) if QUICK else (702, 751, 1501, 4101) if DEVICE == "cuda" else (751, 4101)
+DTYPES = (torch.bfloat16,) if QUICK else (torch.bfloat16, torch.float32)
+PROVIDERS = (REFERENCE, REFERENCE_COMPILED, "liger", "triton", "cuda", "cpp")
 TEMPERATURE = 4.0
 ROUNDS = 50 if DEVICE == "cuda" else 10
 _COMPILED: dict = {}
@@ -74,9 +73,9 @@ def _liger_loss_fn():
 
 def _loss_fn(provider: str):
     """The callable (student, teacher, T) -> loss of a provider, or skip with the reason."""
-    if provider == "eager":
+    if provider == REFERENCE:
         return distill_kl_loss_reference
-    if provider == "compile":
+    if provider == REFERENCE_COMPILED:
         if "fn" not in _COMPILED:
             _COMPILED["fn"] = torch.compile(distill_kl_loss_reference, fullgraph=True)
         return _COMPILED["fn"]
@@ -89,7 +88,7 @@ def _loss_fn(provider: str):
         return fn
     if provider == "triton" and DEVICE == "cpu":
         pytest.skip("triton on cpu runs in the interpreter: too slow to benchmark")
-    skip_unless(DEVICE, provider)
+    skip_unless(DEVICE, provider, "distill_kl_loss")
 
     def fused(student, teacher, temperature):
         with use_backend(provider):
@@ -107,7 +106,7 @@ def _inputs(C: int, dtype: torch.dtype):
 
 def _ideal_bytes(mode: str, student: torch.Tensor) -> int:
     unit = student.numel() * student.element_size()
-    return {"fwd": 2 * unit, "bwd": unit, "both": 3 * unit}[mode]
+    return {"forward": 2 * unit, "backward": unit, "full": 3 * unit}[mode]
 
 
 def _time_backward(benchmark, fn, student, teacher) -> float:
@@ -156,7 +155,7 @@ def _gpu_launches_and_peak(fn, student, teacher) -> dict:
             "grad_bytes": student.numel() * student.element_size()}
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ("full",) if QUICK else MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("C", CLASSES)
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -166,10 +165,10 @@ def test_distill_kl_loss(benchmark, provider, C, dtype, mode):
     benchmark.group = f"distill_kl_loss G={G} B={B} C={C} {str(dtype).split('.')[-1]} {mode}"
     info = {"provider": provider, "G": G, "B": B, "C": C, "dtype": str(dtype), "mode": mode}
     nbytes = _ideal_bytes(mode, student)
-    if mode == "fwd":
+    if mode == "forward":
         median_ms = measure(benchmark, lambda: fn(student, teacher, TEMPERATURE), DEVICE, bytes_moved=nbytes,
                             rounds=ROUNDS, **info)
-    elif mode == "both":
+    elif mode == "full":
         median_ms = measure(benchmark, lambda: torch.autograd.grad(fn(student, teacher, TEMPERATURE), student),
                             DEVICE, bytes_moved=nbytes, rounds=ROUNDS, **info)
     else:
@@ -178,7 +177,7 @@ def test_distill_kl_loss(benchmark, provider, C, dtype, mode):
         benchmark.extra_info.update({"median_ms": median_ms, "bytes": nbytes,
                                      "GB/s": nbytes / (median_ms * 1e-3) / 1e9})
     benchmark.extra_info["copy_fraction"] = benchmark.extra_info["GB/s"] / copy_bandwidth_gbps(nbytes, DEVICE)
-    if mode == "both":
+    if mode == "full":
         if DEVICE == "cuda":
             benchmark.extra_info.update(_gpu_launches_and_peak(fn, student, teacher))
         else:

@@ -14,13 +14,13 @@ import torch
 
 from amfor.ops import masked_patches as mp
 from amfor.ops import random_masking, use_backend
-from benchmarks.common import copy_bandwidth_gbps, measure, skip_unless
+from benchmarks.common import QUICK, REFERENCE, REFERENCE_COMPILED, copy_bandwidth_gbps, measure, skip_unless
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 B, N, D = (64, 242, 768) if DEVICE == "cuda" else (32, 242, 768)
-KEEP = [0.5, 0.75]
-PROVIDERS = ["mae_eager", "torch", "torch_compile", "triton", "cuda", "cpp"]  # torch = our eager reference
+KEEP = [0.5] if QUICK else [0.5, 0.75]
+PROVIDERS = ["mae", REFERENCE, REFERENCE_COMPILED, "triton", "cuda", "cpp"]  # mae: MAE's eager sequence (the peer)
 
 
 def _problem(keep: float):
@@ -54,12 +54,12 @@ def mae_decoder_input(y, token, pos, ids_shuffle):
 
 
 def _encoder_fn(provider, x, pos, index, ids_shuffle, K):
-    if provider == "mae_eager":
+    if provider == "mae":
         return lambda: mae_encoder_input(x, pos, ids_shuffle, K)
-    if provider in ("torch", "torch_compile"):
-        ref = mp.masked_gather_reference if provider == "torch" else torch.compile(mp.masked_gather_reference)
+    if provider in (REFERENCE, REFERENCE_COMPILED):
+        ref = mp.masked_gather_reference if provider == REFERENCE else torch.compile(mp.masked_gather_reference)
         return lambda: ref(x, index, pos)
-    skip_unless(DEVICE, provider)
+    skip_unless(DEVICE, provider, "masked_gather")
     if DEVICE == "cpu" and provider == "triton":
         pytest.skip("the Triton interpreter is not a benchmark")
 
@@ -71,12 +71,12 @@ def _encoder_fn(provider, x, pos, index, ids_shuffle, K):
 
 
 def _decoder_fn(provider, y, token, pos, index, ids_shuffle):
-    if provider == "mae_eager":
+    if provider == "mae":
         return lambda: mae_decoder_input(y, token, pos, ids_shuffle)
-    if provider in ("torch", "torch_compile"):
-        ref = mp.masked_scatter_reference if provider == "torch" else torch.compile(mp.masked_scatter_reference)
+    if provider in (REFERENCE, REFERENCE_COMPILED):
+        ref = mp.masked_scatter_reference if provider == REFERENCE else torch.compile(mp.masked_scatter_reference)
         return lambda: ref(y, index, N, token, pos)
-    skip_unless(DEVICE, provider)
+    skip_unless(DEVICE, provider, "masked_scatter")
     if DEVICE == "cpu" and provider == "triton":
         pytest.skip("the Triton interpreter is not a benchmark")
 
@@ -90,7 +90,8 @@ def _decoder_fn(provider, y, token, pos, index, ids_shuffle):
 def _check_and_measure(benchmark, fn, expected, moved: int, op: str, provider: str, K: int) -> None:
     """Check fn() against the MAE sequence's result, then time it with GB/s and the same-run copy fraction."""
     torch.testing.assert_close(fn(), expected)
-    measure(benchmark, fn, DEVICE, bytes_moved=moved, op=op, provider=provider, B=B, N=N, D=D, K=K, dtype=str(DTYPE))
+    measure(benchmark, fn, DEVICE, bytes_moved=moved, op=op, provider=provider, mode="forward", B=B, N=N, D=D, K=K,
+            dtype=str(DTYPE))
     benchmark.extra_info["copy_fraction"] = benchmark.extra_info["GB/s"] / copy_bandwidth_gbps(moved // 2, DEVICE)
 
 

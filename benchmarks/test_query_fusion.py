@@ -2,13 +2,15 @@
 
 Two levels, forward pass, ViT-B sizes (D = 768, H = 12, head dim 64):
 - `test_query_fusion_op`: q [B, H, Q, 64] over k, v [B, H, L, N, 64]. Providers: the eager loop of SDPA
-  calls plus the weighted sum (`sdpa_loop`), its torch.compile, xformers memory_efficient_attention per
-  layer, our triton / cuda (GPU) and cpp / torch reference (CPU). Records GB/s over the bytes the op must
+  calls plus the weighted sum (`sdpa_loop`, the peer), its torch.compile (`sdpa_loop_compiled`), xformers
+  memory_efficient_attention per layer (`xformers`), our `reference` and its torch.compile
+  (`reference_compiled`), our `triton` / `cuda` (GPU) and `cpp` (CPU). Records GB/s over the bytes the op must
   move (q, k, v, weights, mask read, out written), copy_fraction (against a same-run device copy) and
   speedup_vs_sdpa_loop.
 - `test_query_fusion_module`: raw tokens x [B, L, N, D] to fused [B, Q, D], projections included.
-  Providers: eager MHA (Linear K/V projections of every token + SDPA per layer + weighted sum + output
-  projection), its torch.compile, and amfor.nn.QueryFusion on the projected and on the absorbed path.
+  Providers: `reference` (eager MHA: Linear K/V projections of every token + SDPA per layer + weighted sum +
+  output projection), `reference_compiled` (its torch.compile), and amfor.nn.QueryFusion on the device's auto
+  backend (`auto`), on the projected and on the absorbed path (parameter `path`).
   Records speedup_vs_eager_mha.
 GPU: B = 64, Q in {7, 10, 16}, L in {1, 4, 6}, N in {129, 211, 242}, bfloat16. CPU: B = 2, Q = 10,
 L in {1, 4}, N = 129, float32, 3 rounds (the Triton interpreter is not benchmarked).
@@ -26,14 +28,14 @@ import torch.nn.functional as F
 from amfor.nn import QueryFusion
 from amfor.ops import use_backend
 from amfor.ops.query_fusion import query_fusion_attention, query_fusion_attention_reference
-from benchmarks.common import copy_bandwidth_gbps, measure, skip_unless
+from benchmarks.common import QUICK, REFERENCE, REFERENCE_COMPILED, copy_bandwidth_gbps, measure, skip_unless
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 D, H = 768, 12
 if DEVICE == "cuda":
     B, ROUNDS = 64, 20
-    SIZES = list(itertools.product((7, 10, 16), (1, 4, 6), (129, 211, 242)))
+    SIZES = [(10, 4, 242)] if QUICK else list(itertools.product((7, 10, 16), (1, 4, 6), (129, 211, 242)))
 else:
     B, ROUNDS = 2, 3
     SIZES = [(10, 1, 129), (10, 4, 129)]
@@ -84,8 +86,10 @@ def _op_provider(name: str):
         return torch.compile(sdpa_loop), None
     if name == "xformers":
         return xformers_loop, (None if HAS_XFORMERS and DEVICE == "cuda" else "xformers is not installed / no GPU")
-    if name == "torch":
+    if name == REFERENCE:
         return (lambda q, k, v, w: query_fusion_attention_reference(q, k, v, w)), None
+    if name == REFERENCE_COMPILED:
+        return torch.compile(query_fusion_attention_reference), None
 
     def ours(q, k, v, w):
         with use_backend(name):
@@ -102,17 +106,17 @@ def _timed(benchmark, fn, nbytes=None, **info) -> float:
     return measure(benchmark, run, DEVICE, bytes_moved=nbytes, rounds=ROUNDS, **info)
 
 
-OP_PROVIDERS = ["sdpa_loop", "sdpa_loop_compiled", "xformers", "triton", "cuda", "cpp", "torch"]
+OP_PROVIDERS = ["sdpa_loop", "sdpa_loop_compiled", "xformers", REFERENCE, REFERENCE_COMPILED, "triton", "cuda", "cpp"]
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "Q{}-L{}-N{}".format(*s))
 @pytest.mark.parametrize("provider", OP_PROVIDERS)
 def test_query_fusion_op(benchmark, provider, size):
     if provider in ("triton", "cuda", "cpp"):
-        skip_unless(DEVICE, provider)
+        skip_unless(DEVICE, provider, "query_fusion_attention")
         if provider == "triton" and DEVICE == "cpu":
             pytest.skip("triton on cpu runs in the interpreter: not benchmarked")
-    if provider == "sdpa_loop_compiled" and DEVICE == "cpu":
+    if provider in ("sdpa_loop_compiled", REFERENCE_COMPILED) and DEVICE == "cpu":
         pytest.skip("torch.compile on cpu: left out to keep the cpu run short")
     fn, why = _op_provider(provider)
     if why:
@@ -123,8 +127,8 @@ def test_query_fusion_op(benchmark, provider, size):
     key = ("op", size)
     if key not in _BASELINES:
         _BASELINES[key] = _timed_plain(lambda: sdpa_loop(q, k, v, w))
-    median = _timed(benchmark, lambda: fn(q, k, v, w), nbytes, provider=provider, B=B, Q=Q, L=L, N=N, D=D, H=H,
-                    dtype=str(DTYPE))
+    median = _timed(benchmark, lambda: fn(q, k, v, w), nbytes, provider=provider, mode="forward", B=B, Q=Q, L=L, N=N,
+                    D=D, H=H, dtype=str(DTYPE))
     copy = copy_bandwidth_gbps(nbytes, DEVICE)
     benchmark.extra_info["copy_GB/s"] = copy
     benchmark.extra_info["copy_fraction"] = benchmark.extra_info["GB/s"] / copy
@@ -148,27 +152,28 @@ def eager_mha(module: QueryFusion, x: torch.Tensor) -> torch.Tensor:
     return module.proj(out.transpose(1, 2).reshape(Bx, Q, D))
 
 
-MODULE_PROVIDERS = ["eager_mha", "eager_mha_compiled", "projected", "absorbed"]
+MODULE_CASES = [(REFERENCE, None), (REFERENCE_COMPILED, None), ("auto", "projected"), ("auto", "absorbed")]
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "Q{}-L{}-N{}".format(*s))
-@pytest.mark.parametrize("provider", MODULE_PROVIDERS)
-def test_query_fusion_module(benchmark, provider, size):
-    if provider == "eager_mha_compiled" and DEVICE == "cpu":
+@pytest.mark.parametrize("provider,path", MODULE_CASES, ids=lambda p: p or "")
+def test_query_fusion_module(benchmark, provider, path, size):
+    if provider == REFERENCE_COMPILED and DEVICE == "cpu":
         pytest.skip("torch.compile on cpu: left out to keep the cpu run short")
     Q, L, N = size
     module = QueryFusion(D, H, Q, L).to(DEVICE, DTYPE).eval()
     x = torch.randn(B, L, N, D, device=DEVICE, dtype=DTYPE)
-    if provider.startswith("eager_mha"):
-        step = eager_mha if provider == "eager_mha" else torch.compile(eager_mha)
+    if path is None:
+        step = eager_mha if provider == REFERENCE else torch.compile(eager_mha)
         fn = lambda: step(module, x)  # noqa: E731
     else:
-        fn = lambda: module(x, path=provider)  # noqa: E731 - the backend is the device's auto choice
+        fn = lambda: module(x, path=path)  # noqa: E731 - the backend is the device's auto choice
     key = ("module", size)
     with torch.inference_mode():
         if key not in _BASELINES:
             _BASELINES[key] = _timed_plain(lambda: eager_mha(module, x))
-        median = _timed(benchmark, fn, None, provider=provider, B=B, Q=Q, L=L, N=N, D=D, H=H, dtype=str(DTYPE))
+        median = _timed(benchmark, fn, None, provider=provider, path=path or "", mode="forward", B=B, Q=Q, L=L, N=N,
+                        D=D, H=H, dtype=str(DTYPE))
     benchmark.extra_info["speedup_vs_eager_mha"] = _BASELINES[key] / median
 
 

@@ -67,5 +67,16 @@ inline void check_inputs(const at::Tensor& q, const LayerView& k, const LayerVie
   }
 }
 
+// lse [B, H, Q, L] of a forward with nothing to compute (head dim 0, or no rows): every scaled score is 0, so
+// lse = log(number of keys the row may attend), -inf where it may attend none. Never left uninitialised.
+inline at::Tensor empty_head_lse(const at::Tensor& q, const LayerView& k, const std::optional<at::Tensor>& mask,
+                                 at::ScalarType acc) {
+  const int64_t B = q.size(0), H = q.size(1), Q = q.size(2);
+  at::Tensor count = mask.has_value()
+                         ? mask->sum({-1}, /*keepdim=*/false, acc).unsqueeze(1)  // [B, 1, Q or 1, L]
+                         : at::full({B, 1, 1, k.L}, static_cast<double>(k.N), q.options().dtype(acc));
+  return count.log().expand({B, H, Q, k.L}).contiguous();
+}
+
 }  // namespace query_fusion
 }  // namespace amfor

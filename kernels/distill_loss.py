@@ -20,6 +20,7 @@ whose teacher logits are all -inf has loss 0 and zero gradients.
 import torch
 import triton
 import triton.language as tl
+from amfor.kernels._launch import on_device
 
 MAX_BLOCK = 8192  # widest row held in registers; longer rows are swept in chunks of this width
 
@@ -58,9 +59,9 @@ def _distill_kl_kernel(
     t_stride,  # elements between teacher rows
     C,  # classes per row
     B,  # rows per granularity (the batch)
-    inv_temp,  # 1 / T
-    temp,  # T
-    factor,  # gradient factor of the reduction: 1 / B for batchmean, 1 otherwise
+    inv_temp: tl.float64,  # 1 / T; float64 in the signature (a bare Python float would compile as float32)
+    temp: tl.float64,  # T
+    factor: tl.float64,  # gradient factor of the reduction: 1 / B for batchmean, 1 otherwise
     STUDENT_GRAD: tl.constexpr,
     TEACHER_GRAD: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
@@ -68,6 +69,9 @@ def _distill_kl_kernel(
     BLOCK: tl.constexpr,
     SINGLE: tl.constexpr,  # C <= BLOCK: the row is loaded once and stays in registers
 ):
+    inv_temp = tl.cast(inv_temp, ACC)  # rounded once to the accumulation type: exact for float64 logits
+    temp = tl.cast(temp, ACC)
+    factor = tl.cast(factor, ACC)
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
@@ -167,11 +171,12 @@ def distill_kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: f
     s, t = _rows(student), _rows(teacher)
     block = min(triton.next_power_of_2(C), MAX_BLOCK)
     num_warps = max(1, min(16, block // 512))
-    _distill_kl_kernel[(G * B,)](
-        loss, grad_s, grad_t, s, t, weights.contiguous() if weights is not None else loss, s.stride(0), t.stride(0),
-        C, B, 1.0 / temperature, temperature, factor,
-        STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, HAS_WEIGHTS=weights is not None,
-        ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK=block, SINGLE=C <= block,
-        num_warps=num_warps,
-    )
+    with on_device(student):
+        _distill_kl_kernel[(G * B,)](
+            loss, grad_s, grad_t, s, t, weights.contiguous() if weights is not None else loss, s.stride(0),
+            t.stride(0), C, B, 1.0 / temperature, temperature, factor,
+            STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, HAS_WEIGHTS=weights is not None,
+            ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK=block, SINGLE=C <= block,
+            num_warps=num_warps,
+        )
     return loss, grad_s, grad_t

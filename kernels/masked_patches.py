@@ -11,6 +11,7 @@ Two row kernels serve all three ops:
 import torch
 import triton
 import triton.language as tl
+from amfor.kernels._launch import on_device
 
 
 @triton.jit
@@ -107,12 +108,12 @@ def gather_rows(src: torch.Tensor, rows: torch.Tensor, fill: torch.Tensor | None
     block_d = _block_d(D)
     block_r = max(1, min(16, 4096 // block_d))
     grid = (triton.cdiv(B * R, block_r), triton.cdiv(D, block_d))
-    _gather_rows_kernel[grid](
-        out, src, rows, fill if fill is not None else src, pos if pos is not None else src,
-        B * R, R, S, D, ACC=_acc(src.dtype), HAS_FILL=fill is not None, HAS_POS=pos is not None,
-        POS_BY_OUTPUT=pos_by_output,
-        BLOCK_R=block_r, BLOCK_D=block_d,
-    )
+    with on_device(src):
+        _gather_rows_kernel[grid](
+            out, src, rows, fill if fill is not None else src, pos if pos is not None else src,
+            B * R, R, S, D, ACC=_acc(src.dtype), HAS_FILL=fill is not None, HAS_POS=pos is not None,
+            POS_BY_OUTPUT=pos_by_output, BLOCK_R=block_r, BLOCK_D=block_d,
+        )
     return out
 
 
@@ -127,6 +128,7 @@ def segment_sum_rows(src: torch.Tensor, perm: torch.Tensor, starts: torch.Tensor
         return out
     block_d = _block_d(D)
     grid = (B * num_rows, triton.cdiv(D, block_d))
-    _segment_sum_rows_kernel[grid](out, src.contiguous(), perm.contiguous(), starts.contiguous(), num_rows, K, D,
-                                   ACC=_acc(src.dtype), BLOCK_D=block_d)
+    with on_device(src):
+        _segment_sum_rows_kernel[grid](out, src.contiguous(), perm.contiguous(), starts.contiguous(), num_rows, K, D,
+                                       ACC=_acc(src.dtype), BLOCK_D=block_d)
     return out

@@ -17,9 +17,12 @@ Head dims above 128 (up to 1024, the projection-absorbed path of amfor.nn.QueryF
 score dot products loop over d in BLOCK_D chunks and the output is split in d chunks over grid axis 1.
 """
 
+from collections import OrderedDict
+
 import torch
 import triton
 import triton.language as tl
+from amfor.kernels._launch import INTERPRETED, on_device, shared_memory_limit
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -252,24 +255,74 @@ def _layout(layers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tup
     """
     base = layers[0]
     size = base.element_size()
-    offsets = [(t.data_ptr() - base.data_ptr()) // size for t in layers]
+    offsets = tuple((t.data_ptr() - base.data_ptr()) // size for t in layers)
     step = offsets[1] if len(offsets) > 1 else 0
     if all(off == i * step for i, off in enumerate(offsets)):
         # evenly spaced layers (views of one stacked tensor): built on the device, no host-to-device copy
         table = torch.arange(len(layers), device=base.device, dtype=torch.int64) * step
     else:
-        table = torch.tensor(offsets, dtype=torch.int64, device=base.device)
+        table = offset_table(offsets, base.device)
     s = base.stride()
     return base, table, (s[0], s[1], s[2])
 
 
-def _blocks(rows: int, D: int) -> dict:
-    """Tile sizes: up to 64 rows, the whole head dim in one tile up to 128, else d chunks of 64/128."""
+_TABLES: OrderedDict = OrderedDict()  # (device, offsets) -> (host copy, device table), least recently used first
+_CAPTURED: dict = {}  # tables a CUDA graph may read at replay: kept for the life of the process
+_MAX_TABLES = 64
+
+
+def offset_table(offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """[L] int64 table of `offsets` on `device` without a blocking copy, usable inside CUDA-graph capture.
+
+    Separately allocated layers need their offsets on the device. A table is cached per (device, offsets), so
+    a training loop that reuses its buffers, and every replay of a captured graph, copies nothing; a new set is
+    copied from pinned host memory with non_blocking=True (no host sync; captured as a graph memcpy node).
+    Tables used during a capture are never evicted (the graph reads them at every replay).
+    """
+    key = (device, offsets)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    entry = _CAPTURED.get(key) or _TABLES.get(key)
+    if entry is None:
+        host = torch.tensor(offsets, dtype=torch.int64, pin_memory=device.type == "cuda")
+        entry = (host, host.to(device, non_blocking=True) if device.type != "cpu" else host)
+        _TABLES[key] = entry
+    if capturing:
+        _CAPTURED[key] = entry
+    if key in _TABLES:
+        _TABLES.move_to_end(key)
+        while len(_TABLES) > _MAX_TABLES:
+            _TABLES.popitem(last=False)
+    return entry[1]
+
+
+def _blocks(rows: int, D: int, q: torch.Tensor) -> dict:
+    """Tile sizes and warps for `rows` query rows per group and head dim D on q's device.
+
+    Up to 64 rows, the whole head dim in one tile up to 128, else d chunks of 64 (scores) / 128 (output); then
+    rows and tokens per tile are halved until the estimated shared memory fits the device's opt-in limit
+    (float32 at d = 128 needs ~104 KiB with 64 rows: more than sm_86/sm_89 have; 32 rows take ~68 KiB).
+    scripts/gpu_compile_check.py compiles every launcher configuration for sm_80/86/90 and checks the real use.
+    """
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     if D <= 128:
-        block_d = max(16, triton.next_power_of_2(D))
-        return dict(BLOCK_M=block_m, BLOCK_N=64 if D <= 64 else 32, BLOCK_DK=block_d, BLOCK_DV=block_d)
-    return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_DK=64, BLOCK_DV=128)
+        block_dk = block_dv = max(16, triton.next_power_of_2(D))
+        block_n = 64 if D <= 64 else 32
+    else:
+        block_dk, block_dv, block_n = 64, 128, 32
+    elem = 4 if _flags(q, None)["CAST_F32"] else q.element_size()
+    limit = shared_memory_limit(q.device)
+    while _smem_estimate(block_m, block_n, block_dk, elem) > limit and max(block_m, block_n) > 16:
+        if block_m >= block_n:
+            block_m //= 2
+        else:
+            block_n //= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+                num_warps=4 if D <= 64 else 8)
+
+
+def _smem_estimate(block_m: int, block_n: int, block_dk: int, elem: int) -> float:
+    """Bytes of shared memory of the pipelined q, k and v tiles: measured on sm_80/86 (ptxas), rounded up."""
+    return 1.7 * elem * (block_m + 2 * block_n) * block_dk
 
 
 def _common(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], mask: torch.Tensor | None):
@@ -285,9 +338,9 @@ def _common(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], mask:
 
 
 def _flags(q: torch.Tensor, mask: torch.Tensor | None) -> dict:
-    interpreted = q.device.type == "cpu"
-    return dict(HAS_MASK=mask is not None, CAST_F32=interpreted or q.dtype == torch.float32,
-                PRECISION="ieee" if (interpreted or q.dtype == torch.float32) else "tf32")
+    """float32 math everywhere under the interpreter (its bf16 dot is not faithful) and for float32 inputs."""
+    f32 = INTERPRETED or q.dtype == torch.float32
+    return dict(HAS_MASK=mask is not None, CAST_F32=f32, PRECISION="ieee" if f32 else "tf32")
 
 
 def forward(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], weights: torch.Tensor,
@@ -300,16 +353,28 @@ def forward(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], weigh
     B, H, Q, D = q.shape
     L = len(k)
     out = torch.empty_like(q)
-    lse = torch.empty((B, H, Q, L), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
+        return out, empty_head_lse(q, L, k[0].shape[2], mask)
+    lse = torch.empty((B, H, Q, L), dtype=torch.float32, device=q.device)
     ptrs, strides, sizes = _common(q, k, v, mask)
-    blocks = _blocks(sizes[2] * Q, D)
+    blocks = _blocks(sizes[2] * Q, D, q)
     grid = (B * sizes[1] * triton.cdiv(sizes[2] * Q, blocks["BLOCK_M"]), triton.cdiv(D, blocks["BLOCK_DV"]))
     k0, k_off, v0, v_off, mask_arg = ptrs
-    _fwd_kernel[grid](out, lse, q, k0, k_off, v0, v_off, weights, mask_arg, *strides, *sizes, scale * LOG2E,
-                      **_flags(q, mask), **blocks, num_warps=4 if D <= 64 else 8)
+    with on_device(q):
+        _fwd_kernel[grid](out, lse, q, k0, k_off, v0, v_off, weights, mask_arg, *strides, *sizes, scale * LOG2E,
+                          **_flags(q, mask), **blocks)
     return out, lse
+
+
+def empty_head_lse(q: torch.Tensor, L: int, N: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """lse [B, H, Q, L] float32 when there is nothing to compute (head dim 0 or no rows): every scaled score is 0,
+    so lse = log(number of keys the row may attend), -inf where it may attend none."""
+    B, H, Q, _ = q.shape
+    if mask is None:
+        count = torch.full((B, 1, 1, L), float(N), dtype=torch.float32, device=q.device)
+    else:
+        count = mask.sum(-1, dtype=torch.float32)[:, None]  # [B, 1, Q or 1, L]
+    return count.log().expand(B, H, Q, L).contiguous()
 
 
 def backward(grad: torch.Tensor, q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
@@ -328,13 +393,13 @@ def backward(grad: torch.Tensor, q: torch.Tensor, k: list[torch.Tensor], v: list
         return dq.zero_(), dk.zero_(), dv.zero_(), t
     ptrs, strides, sizes = _common(q, k, v, mask)
     k0, k_off, v0, v_off, mask_arg = ptrs
-    blocks = _blocks(sizes[2] * Q, D)
+    blocks = _blocks(sizes[2] * Q, D, q)
     flags = _flags(q, mask)
-    warps = 4 if D <= 64 else 8
     grid = (B * Hkv * triton.cdiv(sizes[2] * Q, blocks["BLOCK_M"]), triton.cdiv(D, blocks["BLOCK_DV"]))
-    _dq_kernel[grid](dq, t, grad, q, k0, k_off, v0, v_off, weights, mask_arg, lse, *strides, *sizes,
-                     scale, scale * LOG2E, **flags, **blocks, num_warps=warps)
-    grid = (B * Hkv * L * triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(D, blocks["BLOCK_DV"]))
-    _dkdv_kernel[grid](dk, dv, grad, q, k0, k_off, v0, v_off, weights, mask_arg, lse, t, *strides, *sizes,
-                       scale, scale * LOG2E, **flags, **blocks, num_warps=warps)
+    with on_device(q):
+        _dq_kernel[grid](dq, t, grad, q, k0, k_off, v0, v_off, weights, mask_arg, lse, *strides, *sizes,
+                         scale, scale * LOG2E, **flags, **blocks)
+        grid = (B * Hkv * L * triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(D, blocks["BLOCK_DV"]))
+        _dkdv_kernel[grid](dk, dv, grad, q, k0, k_off, v0, v_off, weights, mask_arg, lse, t, *strides, *sizes,
+                           scale, scale * LOG2E, **flags, **blocks)
     return dq, dk, dv, t

@@ -189,7 +189,7 @@ class AMFOR(nn.Module):
         """The text bank in visual space [C or 1, D] for the AMFF-Encoder (None without text or AMFF)."""
         if self.text is None:
             return None
-        if not bool(self.text.bank_ready):
+        if not self.text.ready:
             raise RuntimeError("the text bank is empty: run stage 1 and call model.finish_stage1() before stage 2 "
                                "or evaluation")
         return self.text.visual_bank(self.text_bank_mode) if self.fusion is not None else None

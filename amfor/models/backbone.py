@@ -111,9 +111,10 @@ class ReIDViT(nn.Module):
         if not isinstance(camids, torch.Tensor) or camids.shape != (batch,) or camids.is_floating_point():
             raise ValueError(f"camids must be an integer tensor of shape [{batch}] with values in "
                              f"[0, {self.num_cameras}), got {camids!r:.80}")
-        lo, hi = int(camids.min()), int(camids.max())
-        if lo < 0 or hi >= self.num_cameras:
-            raise ValueError(f"camids must lie in [0, {self.num_cameras}), got values in [{lo}, {hi}]")
+        if not _tracing():  # a value check reads the tensor: not possible (nor needed) in an exported graph
+            lo, hi = int(camids.min()), int(camids.max())
+            if lo < 0 or hi >= self.num_cameras:
+                raise ValueError(f"camids must lie in [0, {self.num_cameras}), got values in [{lo}, {hi}]")
         return self.sie_coef * self.sie_embed[camids.long()]
 
     def embed(self, x: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,6 +166,11 @@ class ReIDViT(nn.Module):
             raise ValueError(f"{path}: backbone weights missing from the checkpoint: {report.missing}")
         _logger.log(logging.WARNING if report.missing else logging.INFO, "loaded %s: %s", path, report)
         return report
+
+
+def _tracing() -> bool:
+    """Whether the forward is being traced (torch.compile, torch.export, ONNX export, jit.trace)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 @dataclass

@@ -126,7 +126,12 @@ class TextBranch(nn.Module):
         self.prompts = PromptLearner(self.encoder, num_classes)
         self.text_to_visual = nn.Linear(output_dim, visual_dim)
         self.register_buffer("bank", torch.zeros(num_classes, output_dim))
-        self.register_buffer("bank_ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("bank_ready", torch.zeros((), dtype=torch.bool))  # saved with the bank
+        self.ready = False  # the same as a Python bool, so forward never branches on a tensor (export, compile)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.ready = bool(self.bank_ready)
 
     def train(self, mode: bool = True) -> TextBranch:
         super().train(mode)
@@ -144,6 +149,7 @@ class TextBranch(nn.Module):
         pids = torch.arange(C, device=self.bank.device)
         self.bank.copy_(torch.cat([self.text_features(pids[s:s + chunk]) for s in range(0, C, chunk)]))
         self.bank_ready.fill_(True)
+        self.ready = True
 
     def visual_bank(self, mode: str = "all") -> torch.Tensor:
         """The bank in visual space: [C, visual_dim] ("all") or [1, visual_dim] ("mean")."""

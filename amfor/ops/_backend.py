@@ -1,4 +1,4 @@
-"""Which implementation of an op runs: auto | torch | triton | cuda | cpp.
+"""Which implementation of an op runs: auto | torch | triton | cuda | cpp (the raw choice; ops go through _registry).
 
 The choice comes from `use_backend(name)` (a context manager) or the environment variable `AMFOR_BACKEND`,
 `auto` by default. `auto` takes, for the input's device, the first available implementation in the op's
@@ -26,15 +26,31 @@ BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 _state = threading.local()
 
 
-def _load_extension() -> tuple[bool, str, bool]:
-    """(loaded, reason, has_cuda): importing `amfor._C` registers the `torch.ops.amfor.*` kernels."""
+_COMPILED_OPS = ("masked_gather", "masked_scatter", "masked_gather_backward", "query_fusion_attention",
+                 "query_fusion_attention_backward", "distill_kl_loss", "rank_metrics")
+_DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def _load_extension() -> tuple[bool, str, dict[str, frozenset[str]]]:
+    """(loaded, reason, {op: device types with a kernel}): importing `amfor._C` registers the kernels."""
     try:
         importlib.import_module("amfor._C")
     except Exception as exc:  # noqa: BLE001 - any failure to load means: fall back to the reference
         why = (f"amfor._C failed to load ({type(exc).__name__}: {exc}); "
                "reinstall with `pip install -e . --no-build-isolation`")
-        return False, why, False
-    return True, "loaded", torch._C._dispatch_has_kernel_for_dispatch_key("amfor::masked_gather", "CUDA")
+        return False, why, {}
+    kernels = {}
+    for name in _COMPILED_OPS:
+        qualname = f"amfor::{name}"
+        present = _has_schema(qualname)
+        kernels[name] = frozenset(dev for dev, key in _DISPATCH_KEY.items()
+                                  if present and torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key))
+    return True, "loaded", kernels
+
+
+def _has_schema(qualname: str) -> bool:
+    namespace, name = qualname.split("::")
+    return hasattr(getattr(torch.ops, namespace), name)
 
 
 def _probe_triton() -> tuple[bool, str]:
@@ -56,7 +72,17 @@ def extension_status() -> tuple[bool, str]:
 
 def extension_has_cuda() -> bool:
     """Whether the loaded extension registered CUDA kernels (it was built with nvcc)."""
-    return _EXTENSION[2]
+    return any("cuda" in devices for devices in _EXTENSION[2].values())
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether amfor._C holds a kernel of `op` (e.g. "masked_gather") for `device_type` ("cpu", "cuda")."""
+    return device_type in _EXTENSION[2].get(op, frozenset())
+
+
+def has_schema(qualname: str) -> bool:
+    """Whether the op `qualname` ("amfor::masked_gather") is defined (by amfor._C or a Python custom_op)."""
+    return _has_schema(qualname)
 
 
 def triton_status() -> tuple[bool, str]:
@@ -69,8 +95,13 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unavailable_reasons(device: torch.device | str) -> dict[str, str]:
-    """Backends that cannot run on `device`, each with the reason."""
+def unavailable_reasons(device: torch.device | str, op: str | None = None,
+                        implementations: Sequence[str] | None = None) -> dict[str, str]:
+    """Backends that cannot run on `device`, each with the reason.
+
+    With `op`, also the compiled backends whose kernel of that op amfor._C lacks on the device type, and the
+    backends not among `implementations` (the ones the op has at all).
+    """
     device = torch.device(device)
     reasons: dict[str, str] = {}
     ext_ok, ext_why = extension_status()
@@ -93,6 +124,14 @@ def unavailable_reasons(device: torch.device | str) -> dict[str, str]:
             reasons["triton"] = triton_why
         elif not (device.type == "cpu" and triton_interpreted()):
             reasons["triton"] = "triton runs on CPU tensors only under the interpreter (set TRITON_INTERPRET=1)"
+    if op is not None:
+        for backend in BACKENDS[1:]:
+            if implementations is not None and backend not in implementations and backend not in reasons:
+                reasons[backend] = f"{op} has no {backend} implementation"
+        compiled = "cuda" if device.type == "cuda" else "cpp"
+        if compiled not in reasons and not has_kernel(op, device.type):
+            reasons[compiled] = (f"amfor._C has no {device.type} kernel of {op} "
+                                 "(rebuild it: `pip install -e . --no-build-isolation`)")
     return reasons
 
 
@@ -127,27 +166,44 @@ def use_backend(name: str) -> Iterator[str]:
         stack.pop()
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 @torch.compiler.assume_constant_result
 def resolve(op: str, device: torch.device, auto_order: Mapping[str, Sequence[str]],
-            dtype: torch.dtype | None = None) -> str:
+            dtype: torch.dtype | None = None, *, implementations: Sequence[str] | None = None,
+            dtypes: Mapping[str, Sequence[torch.dtype]] | None = None) -> str:
     """The concrete backend for `op` on `device`; a clear error when a forced one cannot run there.
 
-    auto_order maps a device type ("cpu", "cuda"), or a device type and dtype ("cpu:float32"), which takes
+    auto_order maps a device type ("cpu", "cuda"), or a device type and dtype ("cuda:float64"), which takes
     precedence for that dtype, to the op's implementations from fastest to slowest, as measured.
-    Under torch.compile the choice is made once, at trace time.
+    implementations: the backends the op has (None: all); dtypes: backend -> the dtypes it takes (absent: all).
+    auto skips a candidate that cannot run or does not take `dtype`; a forced backend that cannot run raises
+    RuntimeError, one that does not take the dtype TypeError. Under torch.compile the choice is made once,
+    at trace time.
     """
     name = current_backend()
-    missing = unavailable_reasons(device)
+    missing = unavailable_reasons(device, op, implementations)
+    takes = dtypes or {}
+
+    def accepts(backend: str) -> bool:
+        return dtype is None or backend not in takes or dtype in takes[backend]
+
     if name == "auto":
         order = auto_order.get(device.type, ())
         if dtype is not None:
-            order = auto_order.get(f"{device.type}:{str(dtype).removeprefix('torch.')}", order)
+            order = auto_order.get(f"{device.type}:{_dtype_name(dtype)}", order)
         for candidate in order:
-            if candidate not in missing:
+            if candidate not in missing and accepts(candidate):
                 return candidate
         return "torch"
     if name in missing:
         raise RuntimeError(f"amfor backend {name!r} cannot run {op} on {device}: {missing[name]}")
+    if not accepts(name):
+        supported = ", ".join(_dtype_name(d) for d in takes[name])
+        raise TypeError(f"amfor backend {name!r} cannot run {op} on {device}: it takes {supported}, "
+                        f"got {_dtype_name(dtype)}")
     return name
 
 

@@ -26,11 +26,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from amfor.ops import _backend
+from amfor.ops import _registry
 
 # Measured order of preference per device type (see docs/distill_loss.md). On CUDA nothing could be measured
 # yet: triton first because its kernel is exercised by CI under the interpreter, the CUDA kernel only compiled.
 AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
+DISPATCH = _registry.declare("distill_kl_loss", AUTO_ORDER)
 REDUCTIONS = ("batchmean", "sum", "none")
 
 
@@ -186,10 +187,8 @@ def _weights_grad(rows: torch.Tensor, grad: torch.Tensor, reduction: str) -> tor
     return rows.sum(1) * (grad * _grad_factor(reduction, rows.shape[1]))
 
 
-def _register(name: str):
-    """Register the fake kernel and autograd of one implementation (Triton or amfor._C); return its callable."""
-    torch.library.register_fake(name)(_fake)
-    op = _backend.op(name)
+def _backward(ops: dict):
+    op = next(iter(ops.values()))
 
     def backward(ctx, grad_loss, _grad_rows, _grad_s, _grad_t):
         if grad_loss is None:  # the loss did not reach the output (grads are not materialised as zeros)
@@ -203,12 +202,12 @@ def _register(name: str):
         return (_scaled(grad_s, scale) if need_s else None, _scaled(grad_t, scale) if need_t else None, None,
                 grad_w, None, None, None)
 
-    torch.library.register_autograd(name, backward, setup_context=_setup)
-    return op
+    return backward
 
 
-_TRITON = _register("amfor::distill_kl_loss_triton")
-_COMPILED = _register("amfor::distill_kl_loss") if _backend.extension_status()[0] else None
+SPECS = (_registry.OpSpec("distill_kl_loss", _fake, _setup, _backward),)
+_TRITON = _registry.register_implementation(SPECS, "_triton")["distill_kl_loss"]
+_COMPILED = (_registry.register_implementation(SPECS, "") or {}).get("distill_kl_loss")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,7 +231,7 @@ def distill_kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: f
     squeeze = student.dim() == 2
     s3, t3 = (student[None], teacher[None]) if squeeze else (student, teacher)
     w = None if weights is None else weights.reshape(-1)
-    backend = _backend.resolve("distill_kl_loss", student.device, AUTO_ORDER)
+    backend = DISPATCH.backend(student.device, student.dtype)
     if backend == "torch":
         out = reduce_rows(distill_kl_rows_reference(s3, t3, temperature), w, reduction)
     else:

@@ -7,7 +7,7 @@
 - `random_masking(...)`: which tokens to keep, uniformly at random or the lowest-scoring ones.
 
 The reference implementations come first and are the specification. The public functions validate their
-input and dispatch (amfor.ops._backend) to the reference, the Triton kernels (amfor.kernels.masked_patches)
+input and dispatch (amfor.ops._registry) to the reference, the Triton kernels (amfor.kernels.masked_patches)
 or the C++/CUDA kernels of `amfor._C` (`torch.ops.amfor.masked_gather`, ...). Every compiled path is a
 torch.library op with a fake implementation and autograd, so it works under torch.compile(fullgraph=True).
 Backward never uses atomics: the x-gradient of masked_gather sums repeated indices in increasing k order.
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from amfor.ops import _backend
+from amfor.ops import _registry
 
 AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
+GATHER = _registry.declare("masked_gather", AUTO_ORDER)
+SCATTER = _registry.declare("masked_scatter", AUTO_ORDER)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,17 +208,10 @@ def _setup_scatter(ctx, inputs, output):
     ctx.has_pos = pos_embed is not None
 
 
-def _register(gather_name: str, scatter_name: str, backward_name: str) -> tuple:
-    """Register fake kernels and autograd for one implementation's three ops (Triton or amfor._C).
+def _gather_backward(ops: dict):
+    backward_op = ops["masked_gather_backward"]
 
-    Returns the (gather, scatter) op callables.
-    """
-    torch.library.register_fake(gather_name)(_fake_gather)
-    torch.library.register_fake(scatter_name)(_fake_scatter)
-    torch.library.register_fake(backward_name)(_fake_gather_backward)
-    gather_op, scatter_op, backward_op = (_backend.op(name) for name in (gather_name, scatter_name, backward_name))
-
-    def gather_backward(ctx, grad):
+    def backward(ctx, grad):
         (index,) = ctx.saved_tensors
         grad_x = backward_op(grad.contiguous(), index, ctx.num_tokens)
         grad_pos = None
@@ -224,7 +219,13 @@ def _register(gather_name: str, scatter_name: str, backward_name: str) -> tuple:
             grad_pos = grad_x.sum(0, dtype=torch.float32).to(grad.dtype)
         return grad_x if ctx.needs_input_grad[0] else None, None, grad_pos
 
-    def scatter_backward(ctx, grad):
+    return backward
+
+
+def _scatter_backward(ops: dict):
+    gather_op = ops["masked_gather"]
+
+    def backward(ctx, grad):
         (index,) = ctx.saved_tensors
         grad = grad.contiguous()
         grad_y = gather_op(grad, index, None) if ctx.needs_input_grad[0] else None
@@ -235,19 +236,20 @@ def _register(gather_name: str, scatter_name: str, backward_name: str) -> tuple:
         grad_pos = grad.sum(0, dtype=torch.float32).to(grad.dtype) if ctx.has_pos and ctx.needs_input_grad[4] else None
         return grad_y, None, None, grad_mask, grad_pos
 
-    torch.library.register_autograd(gather_name, gather_backward, setup_context=_setup_gather)
-    torch.library.register_autograd(scatter_name, scatter_backward, setup_context=_setup_scatter)
-    return gather_op, scatter_op
+    return backward
 
 
-_TRITON = _register("amfor::masked_gather_triton", "amfor::masked_scatter_triton",
-                    "amfor::masked_gather_backward_triton")
-_COMPILED = (_register("amfor::masked_gather", "amfor::masked_scatter", "amfor::masked_gather_backward")
-             if _backend.extension_status()[0] else None)
+SPECS = (
+    _registry.OpSpec("masked_gather", _fake_gather, _setup_gather, _gather_backward),
+    _registry.OpSpec("masked_scatter", _fake_scatter, _setup_scatter, _scatter_backward),
+    _registry.OpSpec("masked_gather_backward", _fake_gather_backward),
+)
+_TRITON = _registry.register_implementation(SPECS, "_triton")
+_COMPILED = _registry.register_implementation(SPECS, "")
 
 
-def _ops(backend: str):
-    """(gather, scatter) callables of a non-reference backend."""
+def _ops(backend: str) -> dict:
+    """{op name: callable} of a non-reference backend."""
     return _TRITON if backend == "triton" else _COMPILED
 
 
@@ -267,10 +269,10 @@ def masked_gather(x: torch.Tensor, index: torch.Tensor, pos_embed: torch.Tensor 
     B, N, _ = x.shape
     _check_index(index, B, N, x.device, check_index, unique=False)
     pos = _flat_pos_embed(pos_embed, N, x)
-    backend = _backend.resolve("masked_gather", x.device, AUTO_ORDER)
+    backend = GATHER.backend(x.device, x.dtype)
     if backend == "torch":
         return masked_gather_reference(x, index, pos)
-    return _ops(backend)[0](x.contiguous(), index.contiguous(), pos)
+    return _ops(backend)["masked_gather"](x.contiguous(), index.contiguous(), pos)
 
 
 def masked_scatter(y: torch.Tensor, index: torch.Tensor, num_tokens: int, mask_token: torch.Tensor,
@@ -292,7 +294,7 @@ def masked_scatter(y: torch.Tensor, index: torch.Tensor, num_tokens: int, mask_t
                          f"{list(getattr(mask_token, 'shape', []))} on {getattr(mask_token, 'device', None)}")
     token = mask_token.reshape(D).to(y.dtype)
     pos = _flat_pos_embed(pos_embed, num_tokens, y)
-    backend = _backend.resolve("masked_scatter", y.device, AUTO_ORDER)
+    backend = SCATTER.backend(y.device, y.dtype)
     if backend == "torch":
         return masked_scatter_reference(y, index, num_tokens, token, pos)
-    return _ops(backend)[1](y.contiguous(), index.contiguous(), num_tokens, token, pos)
+    return _ops(backend)["masked_scatter"](y.contiguous(), index.contiguous(), num_tokens, token, pos)

@@ -9,7 +9,7 @@ Few queries over many keys is memory-bound: the compiled kernels read every key/
 
 Keys and values are either one tensor [B, Hkv, L, N, d] or a list of L tensors [B, Hkv, N, d] (one per
 layer, so callers holding separate layer outputs need not stack them). The reference comes first and is
-the specification. The public function validates and dispatches (amfor.ops._backend) to the reference,
+the specification. The public function validates and dispatches (amfor.ops._registry) to the reference,
 Triton (amfor.kernels.query_fusion) or the C++/CUDA kernels of `amfor._C`
 (`torch.ops.amfor.query_fusion_attention`). Each compiled path is a torch.library op with a fake kernel
 and autograd; the forward also returns the per-(b, h, q, l) log-sum-exp, which the backward uses to
@@ -22,14 +22,17 @@ from collections.abc import Sequence
 
 import torch
 
-from amfor.ops import _backend
+from amfor.ops import _registry
 
 # Measured on CPU: the C++ kernel beats the reference for float32 (its blocked path); other dtypes run the
-# plain per-row kernel, slower than the reference, so auto keeps the reference for them. cuda: not measured.
-AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu:float32": ("cpp",), "cpu": ()}
+# plain per-row kernel, slower than the reference, so auto keeps the reference for them. cuda: not measured;
+# Triton has no float64 kernels, so float64 on CUDA takes the CUDA kernel (which has them).
+AUTO_ORDER = {"cuda": ("triton", "cuda"), "cuda:float64": ("cuda",), "cpu:float32": ("cpp",), "cpu": ()}
 MAX_HEAD_DIM = 1024  # the compiled kernels tile head dims up to this (the projection-absorbed path: d = D)
 MAX_LAYERS = 32  # the CUDA kernels pass per-layer pointers by value
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DISPATCH = _registry.declare("query_fusion_attention", AUTO_ORDER,
+                             dtypes={"triton": (torch.float32, torch.float16, torch.bfloat16)})
 KV = torch.Tensor | Sequence[torch.Tensor]
 
 
@@ -241,11 +244,8 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(q, weights, output[1], *extra, *k, *v)
 
 
-def _register(forward_name: str, backward_name: str):
-    """Register fake kernels and autograd for one implementation's two ops; returns the forward op."""
-    torch.library.register_fake(forward_name)(_fake_forward)
-    torch.library.register_fake(backward_name)(_fake_backward)
-    backward_op = _backend.op(backward_name)
+def _backward(ops: dict):
+    backward_op = ops["query_fusion_attention_backward"]
 
     def backward(ctx, grad_out, grad_lse):
         q, weights, lse, *rest = ctx.saved_tensors
@@ -256,13 +256,15 @@ def _register(forward_name: str, backward_name: str):
         dvs = [dv] if ctx.v_stacked else list(dv.unbind(2))
         return dq, dks, dvs, dw, None, None
 
-    torch.library.register_autograd(forward_name, backward, setup_context=_setup)
-    return _backend.op(forward_name)
+    return backward
 
 
-_TRITON = _register("amfor::query_fusion_attention_triton", "amfor::query_fusion_attention_backward_triton")
-_COMPILED = (_register("amfor::query_fusion_attention", "amfor::query_fusion_attention_backward")
-             if _backend.extension_status()[0] and hasattr(torch.ops.amfor, "query_fusion_attention") else None)
+SPECS = (
+    _registry.OpSpec("query_fusion_attention", _fake_forward, _setup, _backward),
+    _registry.OpSpec("query_fusion_attention_backward", _fake_backward),
+)
+_TRITON = _registry.register_implementation(SPECS, "_triton")["query_fusion_attention"]
+_COMPILED = (_registry.register_implementation(SPECS, "") or {}).get("query_fusion_attention")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -276,24 +278,20 @@ def query_fusion_attention(q: torch.Tensor, k: KV, v: KV, layer_weights: torch.T
     shares keys/values across heads); layer_weights: None (1/L each), [L], [B, L] or [B, Q, L],
     differentiable; attn_mask: None or bool [B, Q, L, N] / [B, 1, L, N], True = may attend (a layer whose
     keys are all masked for a query contributes zero); scale: default d ** -0.5  ->  out [B, H, Q, d].
-    float32/float16/bfloat16 (float64 on the torch and cpp backends), float32 accumulation.
+    float32/float16/bfloat16 (float64 on the torch, cpp and cuda backends), float32 accumulation.
     """
     Hkv, L, N = _check_inputs(q, k, v, layer_weights, attn_mask, scale)
     B, H, Q, d = q.shape
     scale = float(d ** -0.5 if scale is None else scale)
-    backend = _backend.resolve("query_fusion_attention", q.device, AUTO_ORDER, q.dtype)
+    backend = DISPATCH.backend(q.device, q.dtype)
     if backend == "torch":
         return query_fusion_attention_reference(q, k, v, layer_weights, attn_mask, scale)
     if d > MAX_HEAD_DIM:
         raise ValueError(f"the {backend} kernels support head dims up to {MAX_HEAD_DIM}, got d = {d}")
-    if backend == "triton" and q.dtype == torch.float64:
-        raise TypeError("the triton backend supports float32, float16 and bfloat16, got float64")
     if backend == "cuda" and L > MAX_LAYERS:
         raise ValueError(f"the cuda backend takes at most {MAX_LAYERS} separate layer tensors, got {L}")
     weights = broadcast_layer_weights(layer_weights, B, Q, L, torch.promote_types(q.dtype, torch.float32), q.device)
     mask = attn_mask.contiguous() if attn_mask is not None else None
     op = _TRITON if backend == "triton" else _COMPILED
-    if op is None:
-        raise RuntimeError(f"amfor backend {backend!r}: amfor._C has no query_fusion_attention op (rebuild it)")
     out, _ = op(q.contiguous(), _kernel_layers(k), _kernel_layers(v), weights.contiguous(), mask, scale)
     return out

@@ -500,8 +500,8 @@ std::tuple<at::Tensor, at::Tensor> query_fusion_attention_cpu(const at::Tensor& 
   check_inputs(q, kv, vv, weights, attn_mask);
   const auto P = problem(q, kv, attn_mask, scale);
   auto out = at::empty_like(q);
+  if (out.numel() == 0) return {out, query_fusion::empty_head_lse(q, kv, attn_mask, weights.scalar_type())};
   auto lse = at::empty({P.B, P.H, P.Q, P.L}, weights.options());
-  if (out.numel() == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "query_fusion_attention_cpu", [&] {
     if constexpr (std::is_same_v<scalar_t, float>) {
       forward_f32(P, q, kv, vv, weights, out, lse);

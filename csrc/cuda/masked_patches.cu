@@ -92,6 +92,34 @@ __global__ void segment_sum_rows_kernel(scalar_t* __restrict__ out,            /
   }
 }
 
+// inverse[b, index[b, k]] = k for every index value in [0, N); values out of range are skipped (a direct call of the
+// op with a bad index must not trip a device-side assert, which would poison the CUDA context: the Python layer
+// raises first, and the kernels read rows that no index names as mask tokens). inverse starts filled with -1.
+template <typename index_t>
+__global__ void inverse_index_kernel(int64_t* __restrict__ inverse,       // [B, N]
+                                     const index_t* __restrict__ index,   // [B, K]
+                                     int64_t B, int64_t K, int64_t N) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= B * K) return;
+  const int64_t b = i / K, n = static_cast<int64_t>(index[i]);
+  if (n >= 0 && n < N) inverse[b * N + n] = i % K;
+}
+
+at::Tensor inverse_index(const at::Tensor& index, int64_t N) {
+  const int64_t B = index.size(0), K = index.size(1);
+  auto idx = index.contiguous();
+  auto inverse = at::full({B, N}, -1, idx.options().dtype(at::kLong));
+  if (B * K == 0 || N == 0) return inverse;
+  constexpr int kThreadsPerBlock = 256;
+  const auto blocks = static_cast<unsigned>((B * K + kThreadsPerBlock - 1) / kThreadsPerBlock);
+  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "masked_scatter_inverse_index", [&] {
+    inverse_index_kernel<index_t><<<blocks, kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        inverse.data_ptr<int64_t>(), idx.data_ptr<index_t>(), B, K, N);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return inverse;
+}
+
 // Elements per 16-byte vector when the row length and every pointer allow it, else 1.
 template <typename scalar_t>
 int vector_width(int64_t D, std::initializer_list<const void*> ptrs) {
@@ -181,14 +209,13 @@ at::Tensor masked_gather_cuda(const at::Tensor& x, const at::Tensor& index, cons
 at::Tensor masked_scatter_cuda(const at::Tensor& y, const at::Tensor& index, int64_t num_tokens,
                                const at::Tensor& mask_token, const std::optional<at::Tensor>& pos_embed) {
   masked_patches::check_scatter_args(y, index, num_tokens, mask_token);
-  const int64_t B = y.size(0), K = y.size(1), D = y.size(2), N = num_tokens;
+  const int64_t B = y.size(0), D = y.size(2), N = num_tokens;
   const c10::cuda::CUDAGuard guard(y.device());
   auto pos = masked_patches::flat_pos(pos_embed, N, y);
   auto out = at::empty({B, N, D}, y.options());
   if (out.numel() == 0) return out;
   // inverse[b, n] = k where index[b, k] == n, else -1 (indices are unique per row; the Python layer checks).
-  auto idx = index.to(at::kLong);
-  auto inverse = at::full({B, N}, -1, idx.options()).scatter_(1, idx, at::arange(K, idx.options()).expand({B, K}));
+  auto inverse = inverse_index(index, N);
   auto yc = y.contiguous();
   auto fill = mask_token.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "masked_scatter_cuda", [&] {

@@ -415,8 +415,8 @@ std::tuple<at::Tensor, at::Tensor> query_fusion_attention_cuda(const at::Tensor&
   query_fusion::check_inputs(q, kv, vv, weights, attn_mask);
   check_cuda_limits(q, kv);
   auto out = at::empty_like(q);
+  if (out.numel() == 0) return {out, query_fusion::empty_head_lse(q, kv, attn_mask, weights.scalar_type())};
   auto lse = at::empty({q.size(0), q.size(1), q.size(2), kv.L}, weights.options());
-  if (out.numel() == 0) return {out, lse};
   const int64_t GQ = (q.size(1) / kv.Hkv) * q.size(2);
   const int64_t blocks = q.size(0) * kv.Hkv * ((GQ + kWarps - 1) / kWarps);
   const bool* mask = attn_mask.has_value() ? attn_mask->data_ptr<bool>() : nullptr;

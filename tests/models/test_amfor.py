@@ -142,9 +142,13 @@ def test_text_bank_is_required_and_frozen_into_the_model(small):
     assert all(p.grad is not None for p in trained)
     assert all(p.grad is None for p in model.backbone.parameters())
     model.finish_stage1()
-    assert bool(model.text.bank_ready) and not model.text.prompts.context.requires_grad
+    assert model.text.ready and bool(model.text.bank_ready) and not model.text.prompts.context.requires_grad
     expected = model.text.text_features(torch.arange(small.num_classes))
     torch.testing.assert_close(model.state_dict()["text.bank"], expected)
+    fresh = AMFOR(small.num_classes, small.num_cameras, **small.config)
+    assert not fresh.text.ready
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.text.ready  # the bank comes back with a checkpoint
 
 
 def test_stage1_features_are_the_global_feature(batch, small):

@@ -1,4 +1,4 @@
-"""The backend choice and the build of amfor._C."""
+"""The backend choice (amfor.ops._backend, through the public queries of amfor.ops) and the build of amfor._C."""
 
 import os
 import shutil
@@ -6,11 +6,12 @@ import shutil
 import pytest
 import torch
 
-from amfor.ops import _backend, available_backends, current_backend, use_backend
+import amfor.ops as ops
+from amfor.ops import available_backends, backend_for, current_backend, use_backend
 
 
 def test_extension_is_built_and_loaded():
-    loaded, why = _backend.extension_status()
+    loaded, why = ops.extension_status()
     assert loaded, why
 
 
@@ -20,15 +21,15 @@ def test_cuda_kernels_are_compiled_wherever_nvcc_is():
     has_nvcc = shutil.which("nvcc") is not None or os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
     if not (has_nvcc and torch.version.cuda) or os.environ.get("AMFOR_BUILD_CUDA") == "0":
         pytest.skip("no nvcc or a CPU build of torch: the CUDA kernels are not built here")
-    assert _backend.extension_has_cuda(), "nvcc is present but amfor._C has no CUDA kernels registered"
+    assert ops.extension_has_cuda(), "nvcc is present but amfor._C has no CUDA kernels registered"
 
 
 def test_available_backends():
     cpu = available_backends("cpu")
     assert cpu[0] == "torch" and "cuda" not in cpu
-    assert ("cpp" in cpu) == _backend.extension_status()[0]
-    assert ("triton" in cpu) == (_backend.triton_status()[0] and _backend.triton_interpreted())
-    reasons = _backend.unavailable_reasons("cpu")
+    assert ("cpp" in cpu) == ops.extension_status()[0]
+    assert ("triton" in cpu) == (ops.triton_status()[0] and ops.triton_interpreted())
+    reasons = ops.unavailable_reasons("cpu")
     assert "CUDA tensors" in reasons["cuda"]
     assert available_backends("meta") == ["torch"]
 
@@ -55,15 +56,14 @@ def test_unknown_backend_is_an_error(monkeypatch):
 
 
 def test_auto_prefers_the_measured_order():
-    order = {"cpu": ("cpp",)}
+    """auto takes the first available entry of the op's order; a device type and dtype entry takes precedence."""
+    cpp = "cpp" if "cpp" in available_backends("cpu") else "torch"
     with use_backend("auto"):
-        expected = "cpp" if "cpp" in available_backends("cpu") else "torch"
-        assert _backend.resolve("op", torch.device("cpu"), order) == expected
-        assert _backend.resolve("op", torch.device("meta"), order) == "torch"
-        by_dtype = {"cpu:float32": ("cpp",), "cpu": ()}
-        assert _backend.resolve("op", torch.device("cpu"), by_dtype, torch.float32) == expected
-        assert _backend.resolve("op", torch.device("cpu"), by_dtype, torch.bfloat16) == "torch"
-        assert _backend.resolve("op", torch.device("cpu"), by_dtype) == "torch"
+        assert backend_for("masked_gather", "cpu") == cpp
+        assert backend_for("masked_gather", "meta") == "torch"
+        assert backend_for("query_fusion_attention", "cpu", torch.float32) == cpp  # "cpu:float32": ("cpp",)
+        assert backend_for("query_fusion_attention", "cpu", torch.bfloat16) == "torch"  # "cpu": ()
+        assert backend_for("query_fusion_attention", "cpu") == "torch"
 
 
 def test_without_the_extension_amfor_imports_warns_once_and_falls_back():

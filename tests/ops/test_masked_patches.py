@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from amfor.ops import masked_gather, masked_scatter, random_masking, use_backend
+from amfor.ops import extension_status, masked_gather, masked_scatter, random_masking, use_backend
 from amfor.ops import masked_patches as mp
-from amfor.ops._backend import extension_status
-from amfor.testing import assert_close_lowp, backends, devices, poisoned
+from amfor.testing import assert_close_lowp, backends, devices, poisoned, require_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CASES = [(128, 64, 0), (129, 192, 1), (210, 64, 105), (242, 768, 242), (242, 192, 181)]  # (N, D, K)
@@ -121,7 +120,7 @@ def _check_scatter(backend, device, N, D, K, dtype, seed=1):
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gather_matches_reference(device, backend, dtype):
+def test_matches_reference_gather(device, backend, dtype):
     cases = CASES if backend != "triton" or device == "cuda" else CASES[:1] + CASES[3:4]
     for N, D, K in cases:
         _check_gather(backend, device, N, D, K, dtype)
@@ -129,7 +128,7 @@ def test_gather_matches_reference(device, backend, dtype):
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_scatter_matches_reference(device, backend, dtype):
+def test_matches_reference_scatter(device, backend, dtype):
     cases = CASES if backend != "triton" or device == "cuda" else CASES[1:2] + CASES[4:5]
     for N, D, K in cases:
         _check_scatter(backend, device, N, D, K, dtype)
@@ -162,7 +161,8 @@ def test_non_contiguous_inputs(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
-def test_empty_batches_and_no_kept_tokens(device, backend):
+def test_empty_batches(device, backend):
+    """Zero images, and images that keep no token."""
     x = torch.randn(0, 12, 64, device=device)
     idx = torch.zeros(0, 5, dtype=torch.long, device=device)
     with use_backend(backend):
@@ -275,7 +275,7 @@ def test_bad_inputs(backend):
 
 
 @needs_ext
-def test_direct_cpp_call_checks_range():
+def test_direct_op_call_checks_inputs():
     """The C++ kernels check the index range themselves, so a direct torch.ops call cannot read out of bounds."""
     with pytest.raises(RuntimeError, match="index values must lie"):
         torch.ops.amfor.masked_gather(torch.randn(1, 4, 2), torch.tensor([[4]]), None)
@@ -291,9 +291,13 @@ def test_forced_unavailable_backend_names_what_is_missing():
 # ---------------------------------------------------------------------------------------------------------
 # GPU tier
 # ---------------------------------------------------------------------------------------------------------
+GPU_FUSED = ["cuda", "triton"]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_FUSED)
 def test_gpu_backward_is_deterministic(backend):
+    require_backend("cuda", backend, "masked_gather")
     x = torch.randn(8, 242, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     index = torch.randint(0, 242, (8, 300), device="cuda")  # many repeats
     grad = torch.randn(8, 300, 768, device="cuda", dtype=torch.bfloat16)
@@ -304,8 +308,9 @@ def test_gpu_backward_is_deterministic(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_FUSED)
 def test_gpu_cuda_graph_capture(backend):
+    require_backend("cuda", backend, "masked_scatter")
     x, pos, index = _inputs(4, 242, 768, 121, torch.bfloat16, "cuda")
     token = torch.randn(768, device="cuda", dtype=torch.bfloat16)
     with use_backend(backend):
@@ -321,10 +326,30 @@ def test_gpu_cuda_graph_capture(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_FUSED)
 def test_gpu_compile(backend):
+    require_backend("cuda", backend, "masked_gather")
     torch._dynamo.reset()
     x, pos, index = _inputs(4, 242, 768, 121, torch.bfloat16, "cuda")
     with use_backend(backend):
         fn = torch.compile(lambda a, i, p: masked_gather(a, i, p, check_index=False).float().sum(-1), fullgraph=True)
         torch.testing.assert_close(fn(x, index, pos), masked_gather(x, index, pos).float().sum(-1))
+
+
+@pytest.mark.gpu
+def test_gpu_direct_cuda_call_with_bad_index_keeps_the_context():
+    """An out-of-range index in a direct call of the CUDA masked_scatter must not trip a device-side assert
+    (which poisons the CUDA context for the rest of the process): the row is dropped, the call returns."""
+    require_backend("cuda", "cuda", "masked_scatter")
+    y = torch.randn(2, 3, 64, device="cuda")
+    token = torch.randn(64, device="cuda")
+    index = torch.tensor([[0, 5, 99], [-7, 1, 2]], device="cuda")
+    out = torch.ops.amfor.masked_scatter(y, index, 6, token, None)
+    torch.cuda.synchronize()
+    want = token.expand(2, 6, 64).clone()
+    want[0, 0], want[0, 5], want[1, 1], want[1, 2] = y[0, 0], y[0, 1], y[1, 1], y[1, 2]
+    torch.testing.assert_close(out, want)
+    gathered = torch.ops.amfor.masked_gather(y, torch.tensor([[0, 7], [1, -1]], device="cuda"), None)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(gathered[0, 0], y[0, 0])
+    assert (torch.ones(3, device="cuda") + 1).sum().item() == 6  # the context still works

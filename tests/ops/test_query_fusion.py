@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from amfor.ops import _backend, use_backend
+import amfor.ops as ops
+from amfor.ops import use_backend
 from amfor.ops.query_fusion import query_fusion_attention, query_fusion_attention_reference
-from amfor.testing import assert_close_lowp, backends, devices, poisoned
+from amfor.testing import assert_close_lowp, backends, devices, poisoned, require_backend
 
 COMPILED = ["cpp", "cuda", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -72,7 +73,7 @@ def _compare(backend, q, k, v, w, m, scale=None):
 # ---------------------------------------------------------------------------------------------------------
 # Reference against hand-derived cases and PyTorch attention
 # ---------------------------------------------------------------------------------------------------------
-def test_reference_hand_derived():
+def test_reference_hand_cases():
     # one query, two keys with scaled scores 0 and ln 3: probabilities 1/4 and 3/4
     q = torch.tensor([[[[1.0, 0.0]]]])
     k = torch.tensor([[[[[0.0, 0.0], [math.log(3.0), 5.0]]]]])
@@ -104,7 +105,7 @@ def test_reference_gradcheck_float64():
 
 @pytest.mark.skipif("cpp" not in backends("cpu"), reason="amfor._C not built")
 @pytest.mark.parametrize("mask", [None, "bq"])
-def test_cpp_gradcheck_float64(mask):
+def test_gradcheck_float64(mask):
     q, k, v, w, m = _inputs(B=1, H=2, Hkv=1, Q=2, L=2, N=5, d=3, mask=mask)
     args = [t.double().requires_grad_() for t in (q, k, v, w)]
     with use_backend("cpp"):
@@ -124,14 +125,14 @@ SHAPES = [  # (B, H, Hkv, Q, L, N, d)
 
 @pytest.mark.parametrize("device,backend", _cases())
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_backend_matches_reference_float32(device, backend, shape):
+def test_matches_reference(device, backend, shape):
     B, H, Hkv, Q, L, N, d = shape
     _compare(backend, *_inputs(B, H, Hkv, Q, L, N, d, device=device, mask="bq"))
 
 
 @pytest.mark.parametrize("device,backend", _cases())
 @pytest.mark.parametrize("dtype", DTYPES[1:])
-def test_backend_matches_reference_low_precision(device, backend, dtype):
+def test_matches_reference_low_precision(device, backend, dtype):
     _compare(backend, *_inputs(B=2, H=4, Hkv=2, Q=6, L=2, N=53, d=48, dtype=dtype, device=device, mask="b1"))
 
 
@@ -160,7 +161,8 @@ def test_large_head_dim_shared_kv(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", _cases())
-def test_layer_list_and_non_contiguous_inputs(device, backend):
+def test_non_contiguous_inputs(device, backend):
+    """Separately allocated layers (a list), then non-contiguous q, k, v."""
     q, k, v, w, _ = _inputs(B=2, H=2, Hkv=2, Q=3, L=3, N=17, d=32, device=device)
     ks = [k[:, :, i].clone() for i in range(3)]  # separately allocated layers: nothing stacked
     vs = [v[:, :, i].clone() for i in range(3)]
@@ -205,12 +207,32 @@ def test_keys_stacked_values_listed_and_the_reverse(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", _cases())
-def test_zero_batch(device, backend):
+def test_empty_batches(device, backend):
     q, k, v, w, _ = _inputs(B=0, device=device)
     with use_backend(backend):
         out = query_fusion_attention(q.requires_grad_(), k, v, None)
     assert out.shape == q.shape
     out.sum().backward()
+
+
+def _op_name(backend: str, backward: bool = False) -> str:
+    return "query_fusion_attention" + ("_backward" if backward else "") + ("_triton" if backend == "triton" else "")
+
+
+@pytest.mark.parametrize("device,backend", _cases())
+@pytest.mark.parametrize("mask", [None, "bq", "b1"])
+def test_zero_head_dim_gives_a_defined_lse(device, backend, mask):
+    """Head dim 0: every scaled score is 0, so lse = log(number of keys the row may attend), -inf for none;
+    never uninitialised memory (the CUDA and C++ forwards returned torch.empty's contents)."""
+    q, k, v, w, m = _inputs(B=2, H=2, Hkv=1, Q=3, L=2, N=5, d=0, device=device, mask=mask)
+    if m is not None:
+        m[1, :, 1] = False
+    weights = torch.softmax(torch.rand(2, 3, 2, device=device), -1)
+    with poisoned():
+        out, lse = getattr(torch.ops.amfor, _op_name(backend))(q, [k], [v], weights, m, 1.0)
+    count = (m.sum(-1, dtype=torch.float32) if m is not None else torch.full((2, 1, 2), 5.0, device=device))
+    assert out.shape == q.shape and lse.shape == (2, 2, 3, 2)
+    torch.testing.assert_close(lse, count.log()[:, None].expand(2, 2, 3, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,12 +245,12 @@ def _op_args(device, dtype=torch.float32):
 
 @pytest.mark.parametrize("device,backend", _cases())
 def test_opcheck(device, backend):
-    name = "query_fusion_attention_triton" if backend == "triton" else "query_fusion_attention"
+    name = _op_name(backend)
     args = _op_args(device)
     torch.library.opcheck(getattr(torch.ops.amfor, name).default, args)
     q, k, v, w, m, scale = args
     out, lse = getattr(torch.ops.amfor, name)(q, k, v, w, m, scale)
-    bwd = "query_fusion_attention_backward" + ("_triton" if backend == "triton" else "")
+    bwd = _op_name(backend, backward=True)
     torch.library.opcheck(getattr(torch.ops.amfor, bwd).default,
                           (torch.randn_like(out), q.detach(), [k[0].detach()], [v[0].detach()], w.detach(), m, scale,
                            lse.detach()))
@@ -274,13 +296,13 @@ def _bad(**over):
     (dict(attn_mask=torch.ones(2, 2, 2, 7, dtype=torch.bool)), ValueError, "attn_mask must be"),
     (dict(k=torch.randn(2, 2, 2, 7, 16, device="meta")), ValueError, "k is on meta"),
 ])
-def test_bad_input(over, error, match):
+def test_bad_inputs(over, error, match):
     with pytest.raises(error, match=match):
         query_fusion_attention(**_bad(**over))
 
 
 @pytest.mark.parametrize("device,backend", _cases())
-def test_bad_input_for_kernels(device, backend):
+def test_bad_inputs_for_kernels(device, backend):
     q = torch.randn(1, 1, 2, 1100, device=device)
     k = torch.randn(1, 1, 1, 3, 1100, device=device)
     with use_backend(backend), pytest.raises(ValueError, match="head dims up to"):
@@ -291,41 +313,144 @@ def test_bad_input_for_kernels(device, backend):
             query_fusion_attention(q, k, k)
 
 
-def test_direct_op_call_checks_shapes():
-    if not (_backend.extension_status()[0] and hasattr(torch.ops.amfor, "query_fusion_attention")):
+def test_direct_op_call_checks_inputs():
+    if not ops.has_kernel("query_fusion_attention", "cpu"):
         pytest.skip("amfor._C not built")
     q, k, v, w, _ = _inputs(B=2, H=2, Hkv=2, Q=3, L=2, N=7, d=16)
     with pytest.raises(RuntimeError, match="weights must be"):
         torch.ops.amfor.query_fusion_attention(q, [k], [v], w[:, :, :1].contiguous(), None, 1.0)
 
 
+def test_forced_unavailable_backend_names_what_is_missing():
+    q, k, v, _, _ = _inputs(B=1, H=1, Hkv=1, Q=1, L=1, N=3, d=8)
+    with use_backend("cuda"), pytest.raises(RuntimeError, match="cuda.*cannot run query_fusion_attention on cpu"):
+        query_fusion_attention(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton launch details a CPU can check: tiles within the device's shared memory, the layer offset table
+# ---------------------------------------------------------------------------------------------------------
+def test_tiles_fit_the_devices_shared_memory(monkeypatch):
+    """float32 at head dim 128 took 64 rows (~104 KiB of shared memory): more than sm_86/sm_89's 99 KiB."""
+    from amfor.kernels import _launch
+    from amfor.kernels import query_fusion as kernels
+
+    q = torch.empty(1, 8, 10, 128)
+    for limit, rows in ((99 * 1024, 32), (163 * 1024, 64), (227 * 1024, 64)):
+        monkeypatch.setattr(_launch, "TARGET_SHARED_MEMORY", limit)
+        blocks = kernels._blocks(80, 128, q)
+        assert blocks["BLOCK_M"] == rows, (limit, blocks)
+        for d in (16, 64, 128, 200, 768):
+            b = kernels._blocks(80, d, q)
+            assert kernels._smem_estimate(b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_DK"], 4) <= limit, (limit, d, b)
+
+
+def test_layer_list_offsets_need_no_blocking_copy():
+    """Separately allocated layers: their offset table is copied without a host sync (non_blocking, pinned on
+    CUDA) once per set of offsets, then reused, so the call is sync-free and CUDA-graph capturable."""
+    from amfor.kernels import query_fusion as kernels
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.copies = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+                self.copies.append(kwargs.get("non_blocking", args[2] if len(args) > 2 else False))
+            return func(*args, **kwargs)
+
+    offsets = (0, 7168, -3072, 111104)
+    with Copies() as first:
+        table = kernels.offset_table(offsets, torch.device("meta"))
+    assert first.copies == [True], first.copies
+    assert table.shape == (4,) and table.dtype == torch.int64 and table.device.type == "meta"
+    with Copies() as again:
+        assert kernels.offset_table(offsets, torch.device("meta")) is table
+    assert again.copies == []
+    torch.testing.assert_close(kernels.offset_table(offsets, torch.device("cpu")), torch.tensor(offsets))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GPU only: compile, CUDA graphs, deterministic backward
 # ---------------------------------------------------------------------------------------------------------
-GPU_BACKENDS = [b for b in ("triton", "cuda") if torch.cuda.is_available() and b in backends("cuda")]
+GPU_FUSED = ["triton", "cuda"]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_gpu_compile_graph_and_determinism(backend):
-    q, k, v, w, m = _inputs(B=4, H=12, Hkv=12, Q=10, L=4, N=211, d=64, dtype=torch.bfloat16, device="cuda", mask="bq")
+def _gpu_inputs(dtype=torch.bfloat16):
+    return _inputs(B=4, H=12, Hkv=12, Q=10, L=4, N=211, d=64, dtype=dtype, device="cuda", mask="bq")
 
+
+def _gpu_step(backend, m):
     def step(q, k, v, w):
         with use_backend(backend):
             return query_fusion_attention(q, k, v, w, m)
 
+    return step
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_FUSED)
+def test_gpu_backward_is_deterministic(backend):
+    require_backend("cuda", backend, "query_fusion_attention")
+    q, k, v, w, m = _gpu_inputs()
     grad = torch.randn_like(q)
     runs = [_run(backend, q, k, v, w, m, grad) for _ in range(2)]
     for a, b in zip([runs[0][0], *runs[0][1]], [runs[1][0], *runs[1][1]], strict=True):
         assert torch.equal(a, b), "backward is not bitwise deterministic"
-    compiled = torch.compile(step, fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v, w), runs[0][0])
-    static = [t.clone() for t in (q, k, v, w)]
-    step(*static)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_FUSED)
+def test_gpu_compile(backend):
+    require_backend("cuda", backend, "query_fusion_attention")
+    torch._dynamo.reset()
+    q, k, v, w, m = _gpu_inputs()
+    step = _gpu_step(backend, m)
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(q, k, v, w), step(q, k, v, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_FUSED)
+@pytest.mark.parametrize("layers", ["stacked", "list"])
+def test_gpu_cuda_graph_capture(backend, layers):
+    """Captured and replayed on new inputs; separately allocated layers (a list) included (their offsets)."""
+    require_backend("cuda", backend, "query_fusion_attention")
+    q, k, v, w, m = _gpu_inputs()
+    if layers == "list":
+        k, v = [t.clone() for t in k.unbind(2)], [t.clone() for t in v.unbind(2)]
+    step = _gpu_step(backend, m)
+    static_q = q.clone()
+    step(static_q, k, v, w)  # warm-up outside capture: compilation
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = step(*static)
+        captured = step(static_q, k, v, w)
+    static_q.normal_()
     graph.replay()
     torch.cuda.synchronize()
-    torch.testing.assert_close(captured, runs[0][0])
+    torch.testing.assert_close(captured, step(static_q, k, v, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_FUSED)
+def test_gpu_float64(backend):
+    """float64 on CUDA: auto takes the CUDA kernel; Triton, forced, says it has no float64 kernels."""
+    require_backend("cuda", backend, "query_fusion_attention")
+    q, k, v, w, m = _inputs(B=2, H=2, Hkv=1, Q=3, L=2, N=19, d=32, dtype=torch.float64, device="cuda", mask="bq")
+    if backend == "triton":
+        with use_backend("triton"), pytest.raises(TypeError, match="float64"):
+            query_fusion_attention(q, k, v, w, m)
+        return
+    with use_backend("auto"):
+        out = query_fusion_attention(q, k, v, w, m)
+    torch.testing.assert_close(out, query_fusion_attention_reference(q, k, v, w, m))
+    from amfor.nn import QueryFusion
+
+    module = QueryFusion(32, 4, 5, 2).to("cuda", torch.float64)
+    x = torch.randn(2, 2, 19, 32, device="cuda", dtype=torch.float64)
+    with use_backend("torch"):
+        want = module(x)
+    torch.testing.assert_close(module(x), want)

@@ -36,3 +36,15 @@ def test_cmc_png(tmp_path):
     out = plot_cmc({"occluded": np.linspace(0.3, 0.9, 50), "whole": np.linspace(0.6, 1.0, 50)}, tmp_path / "cmc.png")
     Image.open(out).verify()
     assert Image.open(out).size == (500, 400)
+
+
+def test_import_leaves_the_matplotlib_backend_alone():
+    """Importing amfor.evaluation and drawing must not switch the caller's backend (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('svg'); import amfor.evaluation as e, numpy as np, tempfile, os; "
+            "d = tempfile.mkdtemp(); e.plot_cmc(np.linspace(0.5, 1, 10), os.path.join(d, 'c.png')); "
+            "print(matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().lower() == "svg"

@@ -1,0 +1,140 @@
+"""Export of the inference model: ONNX (torch.onnx, dynamo exporter) or a torch.export program (.pt2).
+
+The graph is traced with `amfor.ops.use_backend("torch")`, so every amfor op is its plain-PyTorch
+reference: no custom op ends up in the graph, and any runtime can execute it.
+
+Inputs:  images  float32 [B, 3, H, W], normalised with mean = std = 0.5 (H, W = model.input_size)
+         camids  int64   [B]          0-based camera ids (used by side information embedding; 0 if unknown)
+Outputs: features   float32 [B, 1+P, D]  global feature then P part features (or [B, D] with global_only)
+         visibility float32 [B, 1+P]     part visibility in [0, 1] (absent with global_only)
+B is dynamic. A JSON file next to the export records these names and shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..ops import use_backend
+
+FORMATS = ("onnx", "torch-export")
+
+
+class InferenceModel(nn.Module):
+    """model(images, camids) in eval mode as a tuple of tensors (what exporters take)."""
+
+    def __init__(self, model: nn.Module, global_only: bool = False) -> None:
+        super().__init__()
+        self.model, self.global_only = model.eval(), global_only
+
+    def forward(self, images: torch.Tensor, camids: torch.Tensor):
+        if self.global_only:
+            return self.model(images, camids, global_only=True)["features"]
+        out = self.model(images, camids)
+        return out["features"], out["visibility"]
+
+
+def example_inputs(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    h, w = model.input_size
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, h, w, generator=gen), torch.zeros(batch, dtype=torch.long)
+
+
+def io_spec(model: nn.Module, wrapper: InferenceModel) -> dict:
+    """Names and shapes of the exported graph's inputs and outputs (B dynamic), measured on an example."""
+    with torch.no_grad(), use_backend("torch"):
+        out = wrapper(*example_inputs(model))
+    outs = (out,) if torch.is_tensor(out) else out
+    names = ["features"] if torch.is_tensor(out) else ["features", "visibility"]
+    h, w = model.input_size
+    outputs = {n: {"dtype": "float32", "shape": ["B", *o.shape[1:]]} for n, o in zip(names, outs, strict=True)}
+    return {"inputs": {"images": {"dtype": "float32", "shape": ["B", 3, h, w], "normalisation": "(x/255 - 0.5) / 0.5"},
+                       "camids": {"dtype": "int64", "shape": ["B"]}},
+            "outputs": outputs}
+
+
+def custom_ops_in(program: torch.export.ExportedProgram) -> list[str]:
+    """Targets of graph nodes outside the aten/prim namespaces (e.g. torch.ops.amfor.*)."""
+    found = set()
+    for node in program.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            if node.target.namespace not in ("aten", "prims"):
+                found.add(str(node.target))
+    return sorted(found)
+
+
+def export_torch(wrapper: InferenceModel, example: tuple, path: Path) -> torch.export.ExportedProgram:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad(), use_backend("torch"):
+        program = torch.export.export(wrapper, example, dynamic_shapes={"images": {0: batch}, "camids": {0: batch}})
+    custom = custom_ops_in(program)
+    if custom:
+        raise RuntimeError(f"the exported graph holds custom ops {custom}; the reference backend should avoid them")
+    torch.export.save(program, str(path))
+    return program
+
+
+def export_onnx(wrapper: InferenceModel, example: tuple, path: Path, output_names: list[str],
+                opset: int | None = None) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad(), use_backend("torch"):
+        torch.onnx.export(wrapper, example, str(path), dynamo=True, input_names=["images", "camids"],
+                          output_names=output_names, dynamic_shapes={"images": {0: batch}, "camids": {0: batch}},
+                          opset_version=opset, external_data=False, verbose=False)
+    import onnx
+
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph)
+    domains = {node.domain for node in graph.graph.node} - {"", "ai.onnx"}
+    if domains:
+        raise RuntimeError(f"the ONNX graph uses non-standard operator domains {sorted(domains)}")
+
+
+def parity(fmt: str, path: Path, wrapper: InferenceModel, batch: int = 3) -> float | None:
+    """Max abs difference between the export and the eager model on a batch of another size (None: no runtime)."""
+    images, camids = example_inputs(wrapper.model, batch)
+    with torch.no_grad(), use_backend("torch"):
+        ref = wrapper(images, camids)
+    ref = [ref] if torch.is_tensor(ref) else list(ref)
+    if fmt == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return None
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"images": images.numpy(), "camids": camids.numpy()})
+    else:
+        module = torch.export.load(str(path)).module()
+        with torch.no_grad():
+            got = module(images, camids)
+        got = [got] if torch.is_tensor(got) else list(got)
+        got = [g.numpy() for g in got]
+    return max(float(np.abs(r.numpy() - g).max()) for r, g in zip(ref, got, strict=True))
+
+
+def export(model: nn.Module, fmt: str, path: str | Path, global_only: bool = False, opset: int | None = None,
+           check: bool = True, atol: float = 1e-4) -> dict:
+    """Export `model` (eval mode, CPU) to `path`; returns the I/O spec with the parity error, also saved as JSON."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    model = model.cpu().eval()
+    wrapper = InferenceModel(model, global_only)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = {"format": fmt, "input_size": list(model.input_size), **io_spec(model, wrapper)}
+    example = example_inputs(model)
+    if fmt == "onnx":
+        export_onnx(wrapper, example, path, list(spec["outputs"]), opset)
+    else:
+        export_torch(wrapper, example, path)
+    if check:
+        err = parity(fmt, path, wrapper)
+        spec["parity_max_abs_error"] = err
+        if err is not None and err > atol:
+            raise RuntimeError(f"{fmt} export differs from the eager model by {err:.2e} (> {atol:.0e})")
+    Path(str(path) + ".json").write_text(json.dumps(spec, indent=1))
+    return spec

@@ -1,0 +1,37 @@
+"""A trained model back from a checkpoint, for evaluation (`amfor.test`) and export (`amfor.export`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from ..config import build_config
+from .checkpoint import load_checkpoint, load_model_state
+
+
+def config_of(state: dict, path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """The checkpoint's config, then an optional YAML file, then overrides (pretrained weights not reloaded)."""
+    cfg = build_config(path, overrides, base=state["config"])
+    cfg.model.pretrained = None
+    return cfg
+
+
+def load_trained_model(state: dict, cfg: DictConfig, device: torch.device | str = "cpu",
+                       path: str | Path = "checkpoint") -> torch.nn.Module:
+    """The checkpoint's model in eval mode: built with its classes and cameras, text bank made, weights loaded."""
+    from .runner import create_model
+
+    model = create_model(cfg, int(state["num_classes"]), int(state["num_cameras"]))
+    if state.get("stage1_finished", True):
+        model.finish_stage1()  # creates the text-bank buffer the state dict holds
+    load_model_state(model, state, path)
+    return model.to(device).eval()
+
+
+def load_for_inference(checkpoint: str | Path, config: str | Path | None = None, overrides: list[str] | None = None,
+                       device: torch.device | str = "cpu") -> tuple[torch.nn.Module, DictConfig, dict]:
+    state = load_checkpoint(checkpoint)
+    cfg = config_of(state, config, overrides)
+    return load_trained_model(state, cfg, device, checkpoint), cfg, state

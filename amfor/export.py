@@ -1,0 +1,48 @@
+"""`python -m amfor.export --checkpoint PATH --format onnx|torch-export`: the inference model for deployment.
+
+Traced through the reference ops (no custom op in the graph); checked against onnxruntime (ONNX, when
+installed: `pip install "amfor[export]"`) or torch.export.load (.pt2) on a batch of another size.
+Inputs `images` [B, 3, H, W] float32 (mean = std = 0.5) and `camids` [B] int64; outputs `features`
+[B, 1+P, D] and `visibility` [B, 1+P] (`--global-only`: `features` [B, D]). The shapes are written
+to <output>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+from .engine.checkpoint import CheckpointError
+from .engine.export import FORMATS, export
+from .engine.inference import load_for_inference
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m amfor.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser.add_argument("--output", help="file to write (default: next to the checkpoint, .onnx or .pt2)")
+    parser.add_argument("--global-only", action="store_true", help="export only the global feature [B, D]")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--no-check", action="store_true", help="skip the parity check")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(
+        ".onnx" if args.format == "onnx" else ".pt2")
+    try:
+        model, _, _ = load_for_inference(args.checkpoint, overrides=args.set)
+        spec = export(model, args.format, out, args.global_only, args.opset, not args.no_check)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"amfor.export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    print(json.dumps(spec, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""amfor.config: defaults, YAML files, dotted overrides, and the errors a user gets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from amfor.config import Config, ConfigError, build_config, load_yaml, to_dict, valid_keys
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+BENCHMARKS = ["market1501", "dukemtmc", "occluded_duke", "occluded_reid", "p_dukemtmc", "msmt17"]
+
+
+def test_required_keys_exist_with_their_types():
+    cfg = build_config()
+    for key in ["data.name", "data.root", "data.size", "model.name", "train.seed", "train.batch_size",
+                "train.stage1_epochs", "train.epochs", "train.max_minutes", "train.eval_every", "train.amp"]:
+        assert key in valid_keys()
+        assert OmegaConf.select(cfg, key) is not None
+    assert cfg.data.name == "synthetic" and cfg.model.name == "amfor_vit_tiny_patch16"
+    assert 0 < cfg.train.max_minutes <= 10  # the embedded default fits the 10-minute demo
+
+
+def test_synthetic_yaml_is_the_embedded_default():
+    """configs/synthetic.yaml spells out exactly the defaults `python -m amfor.train` runs with."""
+    assert to_dict(build_config(CONFIGS / "synthetic.yaml")) == to_dict(build_config())
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_configs_carry_the_paper_recipe(name):
+    cfg = build_config(CONFIGS / f"{name}.yaml", [f"data.root=/data/{name}"])
+    t = cfg.train
+    assert (t.stage1_epochs, t.stage1_lr, t.stage1_warmup_epochs) == (120, 3.5e-4, 5)
+    assert (t.epochs, t.lr, t.momentum, t.weight_decay, t.bias_lr_factor, t.warmup_epochs) == \
+        (120, 0.004, 0.9, 1e-4, 2.0, 5)
+    assert (t.batch_size, cfg.data.num_instances, t.max_minutes, t.amp) == (64, 4, 0, "auto")
+    assert (cfg.data.flip, cfg.data.pad, cfg.data.erasing) == (0.5, 10, 0.5)
+    assert cfg.model.name == "amfor_vit_base_patch16" and cfg.data.root == f"/data/{name}"
+    from amfor.data import list_datasets
+    assert cfg.data.name in list_datasets() and (cfg.data.test_name or cfg.data.name) in list_datasets()
+
+
+def test_occluded_reid_trains_on_market():
+    cfg = build_config(CONFIGS / "occluded_reid.yaml")
+    assert cfg.data.name == "market1501" and cfg.data.test_name == "occluded_reid"
+
+
+def test_precedence_defaults_file_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.01\n  epochs: 7\nmodel:\n  kwargs: {depth: 2}\n")
+    cfg = build_config(path, ["train.epochs=9", "model.kwargs.drop_path=0.1"])
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.batch_size) == (0.01, 9, Config().train.batch_size)
+    assert dict(cfg.model.kwargs) == {"depth": 2, "drop_path": 0.1}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+    ("trian.epochs=1", "did you mean 'train.epochs'?"),
+    ("data.nmae=market1501", "did you mean 'data.name'?"),
+    ("train.epochs=many", "bad value for 'train.epochs'"),
+    ("train.amp=fp8", "train.amp must be one of"),
+    ("train.batch_size=30", "multiple of data.num_instances"),
+    ("train.lr", "must look like key=value"),
+])
+def test_override_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        build_config(overrides=[override])
+    assert message in str(info.value)
+
+
+def test_unknown_key_in_a_file_names_file_and_closest_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  warmup_epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'train.warmup_epoch'; did you mean 'train.warmup_"):
+        build_config(path)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(path)
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_yaml(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_cli_print_config_and_error_exit(capsys):
+    from amfor.train import main
+
+    assert main(["--print-config", "--set", "train.epochs=3", "--data-root", "/somewhere"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 3" in out and "root: /somewhere" in out
+    assert main(["--set", "train.epochz=3"]) == 2
+    assert "did you mean 'train.epochs'?" in capsys.readouterr().err
