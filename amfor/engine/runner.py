@@ -278,8 +278,8 @@ class Run:
             trainer.load_state_dict(self.resume["trainer"])
             trainer.max_steps = scheduler.total_steps
         self.restore_rng(2)
-        logger.info("stage 2: %d steps (%d per epoch, global batch %d, SGD lr %g, warm-up %d steps)", trainer.max_steps,
-                    per_epoch, cfg.batch_size, cfg.lr, scheduler.warmup_steps)
+        logger.info("stage 2: %d steps (%d per epoch, global batch %d, %s lr %g, warm-up %d steps)", trainer.max_steps,
+                    per_epoch, cfg.batch_size, type(optimizer).__name__, cfg.lr, scheduler.warmup_steps)
         trainer.train()
 
     def wrap_ddp(self, model: torch.nn.Module) -> torch.nn.Module:
