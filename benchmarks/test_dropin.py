@@ -31,7 +31,25 @@ def make_vit(**kwargs):
     return timm.create_model(ARCH, pretrained=False, img_size=SIZE, num_classes=0, **kwargs).to(DEVICE)
 
 
-class MaskedStep:
+class Step:
+    """A training step: `loss()` (defined by the case), backward, SGD update, a device sync."""
+
+    opt: torch.optim.Optimizer
+
+    def loss(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self) -> torch.Tensor:
+        loss = self.loss()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+
+class MaskedStep(Step):
     """MAE-style step: encoder on the kept patches, decoder over the grid, MSE on the withheld patches."""
 
     def __init__(self, provider: str) -> None:
@@ -68,17 +86,8 @@ class MaskedStep:
         per_patch = (pred - self.target).pow(2).mean(-1)
         return (per_patch * self.mask).sum() / self.mask.sum()
 
-    def __call__(self) -> torch.Tensor:
-        loss = self.loss()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return loss
 
-
-class PoolStep:
+class PoolStep(Step):
     """Pooled-feature step of a `global_pool="map"` ViT (a linear identity head on the pooled feature)."""
 
     def __init__(self, provider: str) -> None:
@@ -93,15 +102,6 @@ class PoolStep:
 
     def loss(self) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(self.head(self.vit(self.images)), self.labels)
-
-    def __call__(self) -> torch.Tensor:
-        loss = self.loss()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return loss
 
 
 STEPS = {"masked": MaskedStep, "pool": PoolStep}
