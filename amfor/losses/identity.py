@@ -19,15 +19,23 @@ def check_pids(pids: torch.Tensor, batch: int, name: str = "pids") -> None:
                          f"{getattr(pids, 'dtype', type(pids).__name__)} {list(getattr(pids, 'shape', []))}")
 
 
+def out_of_range(t: torch.Tensor, low: int, high: int) -> tuple[int, int] | None:
+    """(min, max) of t if some value lies outside [low, high), else None: one host sync, min/max only on failure."""
+    if t.numel() == 0 or not bool(((t < low) | (t >= high)).any()):
+        return None
+    return int(t.min()), int(t.max())
+
+
 def identity_loss(logits: torch.Tensor, pids: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy (at least float32) of logits [B, C] against pids [B] with values in [0, C); scalar."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, C], got {list(logits.shape)}")
     B, C = logits.shape
     check_pids(pids, B)
-    lo, hi = int(pids.min()), int(pids.max())
-    if lo < 0 or hi >= C:
-        raise ValueError(f"pids must lie in [0, {C}) (the classifier's {C} classes), got values in [{lo}, {hi}]")
+    bad = out_of_range(pids, 0, C)
+    if bad:
+        raise ValueError(f"pids must lie in [0, {C}) (the classifier's {C} classes), got values in "
+                         f"[{bad[0]}, {bad[1]}]")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
     return F.cross_entropy(upcast(logits), pids.long(), label_smoothing=label_smoothing)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amfor.losses.identity import upcast
+from amfor.losses.identity import out_of_range, upcast
 
 IGNORE = -1  # token label: no parsing mask (amfor.data NO_MASK) for its pixels
 
@@ -30,9 +30,9 @@ def mask_to_tokens(mask: torch.Tensor, patch_size: int, stride: int, num_classes
     if not 0 < stride <= patch_size <= min(H, W):
         raise ValueError(f"need 0 < stride <= patch_size <= min(H, W), got stride {stride}, patch_size "
                          f"{patch_size}, mask {H}x{W}")
-    lo, hi = int(mask.min()), int(mask.max())
-    if lo < IGNORE or hi >= num_classes:
-        raise ValueError(f"mask values must lie in [0, {num_classes}) or be -1 (no mask), got [{lo}, {hi}]")
+    bad = out_of_range(mask, IGNORE, num_classes)
+    if bad:
+        raise ValueError(f"mask values must lie in [0, {num_classes}) or be -1 (no mask), got [{bad[0]}, {bad[1]}]")
     # count the labels of each token's p x p window with one bincount (no [B, C, H, W] one-hot)
     windows = F.unfold(mask[:, None].float(), kernel_size=patch_size, stride=stride).long()  # [B, p*p, N]
     B, _, N = windows.shape
@@ -53,9 +53,9 @@ def parsing_loss(token_logits: torch.Tensor, token_targets: torch.Tensor,
     if token_targets.shape != (B, N) or token_targets.is_floating_point():
         raise ValueError(f"token_targets must be an integer tensor [B, N] = [{B}, {N}], got "
                          f"{token_targets.dtype} {list(token_targets.shape)}")
-    lo, hi = int(token_targets.min()), int(token_targets.max())
-    if lo < IGNORE or hi >= C:
-        raise ValueError(f"token_targets must lie in [0, {C}) or be -1 (ignored), got [{lo}, {hi}]")
+    bad = out_of_range(token_targets, IGNORE, C)
+    if bad:
+        raise ValueError(f"token_targets must lie in [0, {C}) or be -1 (ignored), got [{bad[0]}, {bad[1]}]")
     targets = token_targets.reshape(-1).long()
     total = F.cross_entropy(upcast(token_logits.reshape(-1, C)), targets, ignore_index=IGNORE,
                             label_smoothing=label_smoothing, reduction="sum")

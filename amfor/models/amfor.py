@@ -33,6 +33,7 @@ from amfor.losses import (
     patchify,
     triplet_loss,
 )
+from amfor.losses.identity import check_pids, out_of_range
 from amfor.models.backbone import ReIDViT
 from amfor.models.fusion import AMFFEncoder
 from amfor.models.heads import BNNeck, PartNecks
@@ -211,7 +212,7 @@ class AMFOR(nn.Module):
                 continue
             layers.append(x)
             if k in fuse:
-                x = self.fusion(k, layers, text_keys)
+                x = fuse(k, layers, text_keys)
         return x
 
     def forward_global(self, M: torch.Tensor) -> torch.Tensor:
@@ -393,11 +394,11 @@ class AMFOR(nn.Module):
 
     def _check_batch(self, images, pids, masks, occlusion) -> None:
         B = images.shape[0]
-        if not isinstance(pids, torch.Tensor) or pids.shape != (B,) or pids.is_floating_point():
-            raise ValueError(f"pids must be an integer tensor [{B}], got {getattr(pids, 'shape', pids)}")
-        lo, hi = int(pids.min()), int(pids.max())
-        if lo < 0 or hi >= self.num_classes:
-            raise ValueError(f"pids must lie in [0, num_classes = {self.num_classes}), got values in [{lo}, {hi}]")
+        check_pids(pids, B)
+        bad = out_of_range(pids, 0, self.num_classes)
+        if bad:
+            raise ValueError(f"pids must lie in [0, num_classes = {self.num_classes}), got values in "
+                             f"[{bad[0]}, {bad[1]}]")
         H, W = self.input_size
         for name, t in (("masks", masks), ("occlusion", occlusion)):
             if t is not None and tuple(t.shape) != (B, H, W):

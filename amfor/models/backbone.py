@@ -29,6 +29,8 @@ from timm.layers import (
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 
+from amfor.losses.identity import out_of_range
+
 _logger = logging.getLogger(__name__)
 
 STRIP_PREFIXES = ("module.", "backbone.", "base.", "encoder.")  # DDP, ReID wrappers, TransReID, I-JEPA/MAE
@@ -112,9 +114,9 @@ class ReIDViT(nn.Module):
             raise ValueError(f"camids must be an integer tensor of shape [{batch}] with values in "
                              f"[0, {self.num_cameras}), got {camids!r:.80}")
         if not _tracing():  # a value check reads the tensor: not possible (nor needed) in an exported graph
-            lo, hi = int(camids.min()), int(camids.max())
-            if lo < 0 or hi >= self.num_cameras:
-                raise ValueError(f"camids must lie in [0, {self.num_cameras}), got values in [{lo}, {hi}]")
+            bad = out_of_range(camids, 0, self.num_cameras)
+            if bad:
+                raise ValueError(f"camids must lie in [0, {self.num_cameras}), got values in [{bad[0]}, {bad[1]}]")
         return self.sie_coef * self.sie_embed[camids.long()]
 
     def embed(self, x: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
