@@ -306,10 +306,11 @@ class Run:
 
         def measure_eval() -> float:
             model = self.model
-            img = torch.randn(cfg.data.test_batch_size, 3, *self.size, device=self.device)
-            cam = torch.zeros(len(img), dtype=torch.long, device=self.device)
             model.eval()
             with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                # the probe batch is drawn inside fork_rng: a clock-budgeted run stays equal to a max_steps run
+                img = torch.randn(cfg.data.test_batch_size, 3, *self.size, device=self.device)
+                cam = torch.zeros(len(img), dtype=torch.long, device=self.device)
                 t = time.time()
                 model(img, cam)
                 if self.device.type == "cuda":

@@ -26,6 +26,7 @@ from amfor.losses import (
     feature_reconstruction_loss,
     focal_loss,
     identity_loss,
+    mask_to_token_fractions,
     mask_to_tokens,
     parsing_loss,
     part_triplet_loss,
@@ -35,6 +36,7 @@ from amfor.losses import (
 )
 from amfor.losses.identity import check_pids, out_of_range
 from amfor.models.backbone import ReIDViT
+from amfor.models.camera import CameraCentering
 from amfor.models.fusion import AMFFEncoder
 from amfor.models.heads import BNNeck, PartNecks
 from amfor.models.parts import PartClassifier, PartDecoder, VisibilityHead, teacher_masks, weighted_pooling
@@ -63,6 +65,7 @@ class AMFOR(nn.Module):
     def __init__(self, num_classes: int, num_cameras: int = 0, *, img_size: tuple[int, int] = (256, 128),
                  patch_size: int = 16, stride: int = 16, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, sie_coef: float = 3.0,
+                 camera_centering: bool = False, camera_momentum: float = 0.1,
                  # switches
                  amff: bool = True, text: bool = True, parts: bool = True, teacher_student: bool = True,
                  amgd: bool = True, hpr: bool = True, part_recon: bool = True,
@@ -76,6 +79,7 @@ class AMFOR(nn.Module):
                  # parts
                  num_parts: int = NUM_PARTS, part_heads: int = 8, part_ffn_dim: int = 3072, part_depth: int = 1,
                  flip_pairs: Sequence[tuple[int, int]] = FLIP_PAIRS, amgd_temperature: float = 4.0,
+                 parsing_targets: str = "soft", visible_area: float = 0.25,
                  # HPR
                  mask_ratio: float = 0.75, hpr_fusion: bool = False, hpr_dim: int = 512, hpr_depth: int = 1,
                  hpr_heads: int = 8,
@@ -94,6 +98,11 @@ class AMFOR(nn.Module):
         self.text_bank_mode, self.text_scale = text_bank, 1.0 / text_temperature
         self.mask_ratio, self.hpr_fusion, self.recon_hide_prob = mask_ratio, hpr_fusion, recon_hide_prob
         self.flip_pairs = tuple(tuple(p) for p in flip_pairs)  # feature indices of [global, P parts] = part labels
+        if parsing_targets not in ("soft", "hard"):
+            raise ValueError(f"parsing_targets must be 'soft' or 'hard', got {parsing_targets!r}")
+        if not visible_area > 0:
+            raise ValueError(f"visible_area must be > 0 (a share of one token's window), got {visible_area}")
+        self.parsing_targets, self.visible_area = parsing_targets, float(visible_area)
 
         self.backbone = ReIDViT(img_size, patch_size, stride, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                                 mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, num_cameras=num_cameras,
@@ -117,6 +126,11 @@ class AMFOR(nn.Module):
             self.patch_decoder = MAEDecoder(D, self.backbone.num_patches, pixels, hpr_dim, hpr_depth, hpr_heads,
                                             num_prefix_tokens=1, normalize_input=True)  # M is not normalised
         self.part_reconstructor = PartReconstructor(D, P, recon_dim, recon_depth, recon_heads) if part_recon else None
+        self.camera_centering = self.teacher_centering = None
+        if camera_centering:  # slots: [g, decoder outputs (P + 2), foreground] and the teacher's [P + 2, foreground]
+            self.camera_centering = CameraCentering(num_cameras, 1 + (P + 3 if parts else 0), D, camera_momentum)
+            if parts and teacher_student:
+                self.teacher_centering = CameraCentering(num_cameras, P + 3, D, camera_momentum)
 
     # -- construction helpers ----------------------------------------------------------------------------------
     @staticmethod
@@ -219,6 +233,24 @@ class AMFOR(nn.Module):
         """The global branch: G = LayerNorm(copy of the last block(M)), [B, 1 + N, D]; g = G[:, 0]."""
         return self.backbone.norm(self.backbone.last_block(M))
 
+    def center(self, g: torch.Tensor, part: dict | None, camids: torch.Tensor | None
+               ) -> tuple[torch.Tensor, dict | None]:
+        """Camera centring (`camera_centering=True`, camera.py) of the identity features: g [B, D] and the part
+        branch's student / teacher decoder outputs [B, P + 2, D] and foregrounds [B, D]; identity when off.
+        Without `part`, g alone (slot 0: the global-only model, or global-only inference)."""
+        if self.camera_centering is None:
+            return g, part
+        if part is None:
+            only_g = None if self.camera_centering.num_slots == 1 else slice(0, 1)
+            return self.camera_centering(g[:, None], camids, slots=only_g)[:, 0], part
+        part = dict(part)
+        x = self.camera_centering(torch.cat([g[:, None], part["student"], part["foreground"][:, None]], 1), camids)
+        g, part["student"], part["foreground"] = x[:, 0], x[:, 1:-1], x[:, -1]
+        if "teacher" in part:
+            t = self.teacher_centering(torch.cat([part["teacher"], part["teacher_foreground"][:, None]], 1), camids)
+            part["teacher"], part["teacher_foreground"] = t[:, :-1], t[:, -1]
+        return g, part
+
     def embed(self, images: torch.Tensor, camids: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor:
         """x_0 [B, 1 + N', D]: CLS + (kept) patch tokens with their position embedding, + camera embedding."""
         vit = self.backbone
@@ -255,22 +287,28 @@ class AMFOR(nn.Module):
         return out
 
     def visibility_targets(self, targets: torch.Tensor | None, probs: torch.Tensor) -> torch.Tensor:
-        """[B, P] float: part p has at least one token labelled p in the token targets [B, N] (from the parsing
-        masks); images without a mask (or no masks at all) take the pseudo-label max_n prob[n, p] > 0.5."""
-        P = self.num_parts
+        """[B, P] float: part p is visible when its area in the token targets [B, N, 1 + P] (summed over the
+        tokens, in token windows) is at least `visible_area`; images without a mask (or no masks at all) take
+        the pseudo-label max_n prob[n, p] > 0.5."""
         pseudo = (probs.detach()[..., 1:].amax(1) > 0.5).float()
         if targets is None:
             return pseudo
-        present = (targets[:, :, None] == torch.arange(1, P + 1, device=targets.device)).any(1).float()
-        has_mask = (targets >= 0).any(1, keepdim=True)
+        present = (targets[..., 1:].sum(1) >= self.visible_area).float()
+        has_mask = targets.sum((1, 2))[:, None] > 0
         return torch.where(has_mask, present, pseudo)
 
     def token_targets(self, masks: torch.Tensor | None) -> torch.Tensor | None:
-        """Part label per token [B, N] (-1: no mask) from pixel masks [B, H, W], or None without masks."""
+        """Parsing targets per token [B, N, 1 + P] (float; all 0 for an image without a mask) from pixel masks
+        [B, H, W], or None without masks: the share of each label in the token's window (`parsing_targets=
+        "soft"`, default), or the one-hot majority label (`"hard"`, which loses most arm, leg and foot tokens at
+        16x16 patches)."""
         if masks is None:
             return None
-        vit = self.backbone
-        return mask_to_tokens(masks, vit.patch_size, vit.stride, self.num_parts + 1)
+        vit, C = self.backbone, self.num_parts + 1
+        if self.parsing_targets == "soft":
+            return mask_to_token_fractions(masks, vit.patch_size, vit.stride, C)
+        labels = mask_to_tokens(masks, vit.patch_size, vit.stride, C)
+        return F.one_hot(labels.clamp(min=0), C).float() * (labels >= 0)[..., None]
 
     # -- masked view (HPR patch level) ----------------------------------------------------------------------------
     def forward_masked_view(self, images: torch.Tensor, camids: torch.Tensor | None, occlusion: torch.Tensor | None,
@@ -288,10 +326,9 @@ class AMFOR(nn.Module):
         return patch_reconstruction_loss(pred, pixels, target)
 
     # -- losses ----------------------------------------------------------------------------------------------------
-    def forward_losses(self, G: torch.Tensor, pids: torch.Tensor, part: dict | None,
+    def forward_losses(self, g: torch.Tensor, pids: torch.Tensor, part: dict | None,
                        targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Unweighted loss terms of the global branch, the text bank and the part branch."""
-        g = G[:, 0]
+        """Unweighted loss terms of the global branch (g [B, D]), the text bank and the part branch."""
         _, logits = self.global_neck(g)
         losses = {"id": identity_loss(logits, pids, self.label_smoothing),
                   "triplet": triplet_loss(g, pids, self.triplet_margin)}
@@ -306,7 +343,8 @@ class AMFOR(nn.Module):
     def part_losses(self, part: dict, pids: torch.Tensor, targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Parsing, visibility, identity over parts and granularities, part triplet, diversity, AMGD, rebuilt parts.
 
-        targets: part label per token [B, N] (-1 where an image has no mask) or None."""
+        targets: parsing targets per token [B, N, 1 + P] (`token_targets`; all 0 where an image has no mask) or
+        None."""
         B, P = pids.shape[0], self.num_parts
         vis = self.visibility_targets(targets, part["probs"])
         student = part["student"]
@@ -367,7 +405,8 @@ class AMFOR(nn.Module):
         G = self.forward_global(M)
         part = self.forward_parts(M, G, self.switches["teacher_student"]) if self.switches["parts"] else None
         targets = self.token_targets(masks) if part is not None else None
-        losses = self.forward_losses(G, pids, part, targets)
+        g, part = self.center(G[:, 0], part, camids)
+        losses = self.forward_losses(g, pids, part, targets)
         if self.switches["hpr"]:
             losses["reconstruction"] = self.forward_masked_view(images, camids, occlusion, text_keys)
         out = {"loss": sum(self.loss_weights[k] * v for k, v in losses.items())}
@@ -380,12 +419,13 @@ class AMFOR(nn.Module):
                      ) -> dict[str, torch.Tensor]:
         M = self.forward_encoder(images, camids, self.text_keys())
         G = self.forward_global(M)
-        g = self.global_neck.bn(G[:, 0])
+        part = self.forward_parts(M, G, teacher=False) if self.switches["parts"] and not global_only else None
+        g, part = self.center(G[:, 0], part, camids)
+        g = self.global_neck.bn(g)
         if global_only:
             return {"features": F.normalize(g, dim=-1)}
-        if not self.switches["parts"]:
+        if part is None:
             return {"features": F.normalize(g, dim=-1)[:, None], "visibility": g.new_ones(g.shape[0], 1)}
-        part = self.forward_parts(M, G, teacher=False)
         B, P, D = images.shape[0], self.num_parts, g.shape[-1]
         parts = self.parts_neck.bn(part["student"][:, 2:].flatten(1)).view(B, P, D)
         features = F.normalize(torch.cat([g[:, None], parts], dim=1), dim=-1)

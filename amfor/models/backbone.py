@@ -41,7 +41,8 @@ class ReIDViT(nn.Module):
     """ViT with overlapping patches, camera embedding and a separate last block for the global branch.
 
     img_size: (H, W); patch_size p and stride s give the grid ny x nx = ((H - p)//s + 1, (W - p)//s + 1) of
-    N tokens; num_cameras > 0 adds SIE (sie_coef * sie_embed[camid] on all 1 + N tokens); drop_path_rate
+    N tokens; num_cameras > 0 adds SIE (sie_coef * sie_embed[camid] on all 1 + N tokens; sie_coef = 0 turns it
+    off: no sie_embed, camera ids ignored); drop_path_rate
     grows linearly over the `depth` blocks as in timm (last_block gets the last rate); drop_rate is the
     dropout after the position embedding and in the blocks' projections.
     """
@@ -61,6 +62,8 @@ class ReIDViT(nn.Module):
             raise ValueError(f"depth must be >= 2 (shared blocks plus the last block), got {depth}")
         if num_cameras < 0:
             raise ValueError(f"num_cameras must be >= 0, got {num_cameras}")
+        if sie_coef < 0:
+            raise ValueError(f"sie_coef must be >= 0 (0 turns the camera embedding off), got {sie_coef}")
         self.patch_size, self.stride, self.in_chans = patch_size, stride, in_chans
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
         self.num_prefix_tokens, self.num_cameras, self.sie_coef = 1, num_cameras, sie_coef
@@ -72,7 +75,8 @@ class ReIDViT(nn.Module):
         self.patch_embed.grid_size, self.patch_embed.num_patches = self.grid_size, self.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
-        self.sie_embed = nn.Parameter(torch.zeros(num_cameras, 1, embed_dim)) if num_cameras > 0 else None
+        sie = num_cameras > 0 and sie_coef > 0
+        self.sie_embed = nn.Parameter(torch.zeros(num_cameras, 1, embed_dim)) if sie else None
         self.pos_drop = nn.Dropout(drop_rate)
 
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
@@ -104,7 +108,7 @@ class ReIDViT(nn.Module):
     def camera_embedding(self, camids: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """SIE term [B, 1, D] = sie_coef * sie_embed[camids] for camids [B] (integers); None without cameras.
 
-        Camera ids are ignored when the model has no cameras, and required when it has some.
+        Camera ids are ignored when the model has no cameras (or sie_coef = 0), and required when it has some.
         """
         if self.sie_embed is None:
             return None
@@ -113,7 +117,7 @@ class ReIDViT(nn.Module):
         if not isinstance(camids, torch.Tensor) or camids.shape != (batch,) or camids.is_floating_point():
             raise ValueError(f"camids must be an integer tensor of shape [{batch}] with values in "
                              f"[0, {self.num_cameras}), got {camids!r:.80}")
-        if not _tracing():  # a value check reads the tensor: not possible (nor needed) in an exported graph
+        if not tracing():  # a value check reads the tensor: not possible (nor needed) in an exported graph
             bad = out_of_range(camids, 0, self.num_cameras)
             if bad:
                 raise ValueError(f"camids must lie in [0, {self.num_cameras}), got values in [{bad[0]}, {bad[1]}]")
@@ -170,7 +174,7 @@ class ReIDViT(nn.Module):
         return report
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
     """Whether the forward is being traced (torch.compile, torch.export, ONNX export, jit.trace)."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 

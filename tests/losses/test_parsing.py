@@ -1,11 +1,12 @@
-"""mask_to_tokens on drawn masks (stride 16 and an overlapping stride), parsing_loss, errors."""
+"""mask_to_tokens and mask_to_token_fractions on drawn masks (stride 16 and an overlapping stride), parsing_loss
+with hard and soft targets, errors."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from amfor.data import NO_MASK
-from amfor.losses import ParsingLoss, mask_to_tokens, parsing_loss
+from amfor.losses import ParsingLoss, mask_to_token_fractions, mask_to_tokens, parsing_loss
 from amfor.losses.parsing import IGNORE
 
 
@@ -124,3 +125,57 @@ def test_parsing_loss_under_autocast_and_errors():
         parsing_loss(logits, targets[:, :4])
     with pytest.raises(ValueError, match=r"\[B, N, C\]"):
         parsing_loss(logits[0], targets)
+
+
+def test_fractions_of_a_drawn_mask():
+    mask = torch.zeros(2, 32, 32, dtype=torch.long)
+    mask[0, :6, 16:] = 2  # top-right window: 96 px arm, 160 px background
+    mask[0, 16:, :4] = 7  # bottom-left: a 4-pixel-wide foot strip, 64 px
+    mask[1] = NO_MASK
+    mask[1, :16, :8] = 3  # a window half unlabelled: fractions over its labelled pixels
+    frac = mask_to_token_fractions(mask, 16, 16, 9)
+    assert frac.shape == (2, 4, 9) and frac.dtype == torch.float32
+    assert frac[0, 1, 2].item() == 96 / 256 and frac[0, 1, 0].item() == 160 / 256
+    assert frac[0, 2, 7].item() == 64 / 256
+    assert mask_to_tokens(mask, 16, 16, 9)[0].tolist() == [0, 0, 0, 0]  # the vote loses both thin parts
+    assert frac[1, 0, 3].item() == 1.0 and frac[1, 1:].abs().sum().item() == 0.0  # no labelled pixel: all 0
+    torch.testing.assert_close(frac[0].sum(-1), torch.ones(4))
+
+
+@pytest.mark.parametrize("stride", [16, 11])
+def test_fractions_match_counting_and_the_vote(stride):
+    g = torch.Generator().manual_seed(stride)
+    mask = torch.randint(-1, 9, (2, 64, 32), generator=g)
+    frac = mask_to_token_fractions(mask, 16, stride, 9)
+    windows = F.unfold(mask[:, None].float(), 16, stride=stride).long()  # [B, 256, N]
+    for b in range(2):
+        for n in range(windows.shape[-1]):
+            win = windows[b, :, n]
+            counts = torch.bincount(win[win >= 0], minlength=9).float()
+            torch.testing.assert_close(frac[b, n], counts / counts.sum())
+    labels = mask_to_tokens(mask, 16, stride, 9)
+    assert torch.equal(frac.argmax(-1), labels)  # ties resolve to the lower label in both
+
+
+def test_soft_parsing_loss_equals_the_hard_loss_on_one_hot_targets():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 4)
+    labels = torch.tensor([[0, 1, -1, 3, 2], [-1, -1, 1, 1, 0]])
+    soft = F.one_hot(labels.clamp(min=0), 4).float() * (labels >= 0)[..., None]
+    for ls in (0.0, 0.1):
+        torch.testing.assert_close(parsing_loss(logits, soft, ls), parsing_loss(logits, labels, ls))
+
+
+def test_soft_parsing_loss_is_the_expected_cross_entropy():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 3, 4, requires_grad=True)
+    t = torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]]])
+    expect = -(t[0, [0, 2]] * logits[0, [0, 2]].log_softmax(-1)).sum(-1).mean()
+    loss = parsing_loss(logits, t, 0.0)
+    torch.testing.assert_close(loss, expect)
+    loss.backward()
+    assert logits.grad[0, 1].abs().sum().item() == 0.0  # the unlabelled token gets no gradient
+    with pytest.raises(ValueError, match=r"soft token_targets must be \[B, N, C\]"):
+        parsing_loss(logits, t[..., :3])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        parsing_loss(logits, t, 1.0)

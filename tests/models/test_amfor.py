@@ -233,3 +233,29 @@ def test_the_backend_changes_speed_not_results(backend, batch, small):
     assert grads.keys() == ref_grads.keys()
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_thin_parts_are_visible_and_supervised(small):
+    """A thin arm strip loses every token's majority vote; the soft targets and the area-based visibility keep
+    it, the hard reading (parsing_targets="hard") drops it; an image without a mask takes the pseudo-label."""
+    H, W = small.config["img_size"]
+    masks = torch.zeros(3, H, W, dtype=torch.long)
+    masks[:, :16, :] = 1  # head: two whole tokens
+    masks[:, 16:32, :5] = 2  # left arm: 80 px of one token's 256
+    masks[1, 16:32, 28:] = 3  # right arm: 64 px = exactly visible_area (0.25) of a token
+    masks[2] = -1
+    probs = torch.full((3, 8, 9), 1 / 9)
+    probs[2, 0, 5] = 0.9  # the pseudo-label of the image without a mask: part 5 (left leg)
+    model = small.model()
+    soft = model.token_targets(masks)
+    assert soft.shape == (3, 8, 9)
+    vis = model.visibility_targets(soft, probs)
+    assert vis[0].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert vis[1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert vis[2].tolist() == [0, 0, 0, 0, 1, 0, 0, 0]
+    hard = small.model(parsing_targets="hard")
+    assert hard.visibility_targets(hard.token_targets(masks), probs)[0].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="parsing_targets"):
+        small.model(parsing_targets="majority")
+    with pytest.raises(ValueError, match="visible_area"):
+        small.model(visible_area=0)

@@ -97,6 +97,11 @@ def test_camera_id_errors():
     plain = ReIDViT(img_size=(128, 64), **TINY).eval()
     assert plain.sie_embed is None and plain.camera_embedding(torch.tensor([9, 9]), 2) is None
     torch.testing.assert_close(plain.forward_features(x, torch.tensor([7, 99]))[1], plain.forward_features(x)[1])
+    off = ReIDViT(img_size=(128, 64), num_cameras=4, sie_coef=0.0, **TINY).eval()  # SIE switched off
+    assert off.sie_embed is None and "sie_embed" not in off.no_weight_decay()
+    torch.testing.assert_close(off.forward_features(x, torch.tensor([0, 3]))[1], off.forward_features(x)[1])
+    with pytest.raises(ValueError, match="sie_coef"):
+        ReIDViT(img_size=(128, 64), num_cameras=4, sie_coef=-1.0, **TINY)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 256, 128), (2, 1, 128, 64), (3, 128, 64), (2, 3, 128, 65)])

@@ -1,0 +1,99 @@
+"""`python -m amfor.ablate`: AMFOR's components added to a baseline and taken out of the full model one at a
+time, every variant trained on the same data and seeds for a fixed stage-2 step count; test-split mAP and R1 on
+occluded and whole-body queries, mean and spread over seeds, in a Markdown report with a bar chart.
+
+    python -m amfor.ablate                                  # all variants, the demo's 9-minute budget, runs/ablation
+    python -m amfor.ablate --only baseline full --seeds 1   # a subset, one seed each
+    python -m amfor.ablate --list                           # variants, seeds, status, budgets
+    python -m amfor.ablate --report-only                    # rebuild docs/ablation.md from results.jsonl
+    python -m amfor.ablate --steps 20 --set data.size=tiny  # a fixed step count for every variant, no calibration
+
+Each variant's step count is calibrated once on this machine (its first seed's run with train.max_minutes set,
+stopped once the trainer has fixed train.max_steps) and stored in <output>/budgets.json; every seed then runs
+`python -m amfor.train ... train.max_steps=N train.max_minutes=0` (the command is in results.jsonl). Finished
+runs are never repeated and interrupted ones are resumed, so the same command continues an ablation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+from .engine.ablation import (
+    VARIANTS,
+    load_budgets,
+    load_results,
+    make_plan,
+    run_ablation,
+    status_lines,
+    stored_plan,
+    write_report,
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m amfor.ablate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help=f"these variants only ({', '.join(VARIANTS)})")
+    parser.add_argument("--seeds", type=int, metavar="N", help="seeds per variant (default 3 for baseline and full, "
+                        "2 for the others)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--budget-minutes", type=float, metavar="M",
+                        help="wall-clock budget of one run, calibrated into steps (default: the config's "
+                        "train.max_minutes)")
+    budget.add_argument("--steps", type=int, metavar="N", help="stage-2 steps of every run, no calibration")
+    parser.add_argument("--config", help="base YAML config of every run (default: the embedded demo)")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="extra overrides of every run, e.g. --set data.size=tiny")
+    parser.add_argument("--output", default="runs/ablation", help="ablation folder (default runs/ablation)")
+    parser.add_argument("--report", default="docs/ablation.md", help="Markdown report; the PNG goes next to it")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--report-only", action="store_true", help="no training: the report from results.jsonl")
+    mode.add_argument("--list", action="store_true", help="print variants, seeds, status and budgets, and exit")
+    return parser.parse_args(argv)
+
+
+def setup_logging() -> None:
+    log = logging.getLogger("amfor.ablate")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        plan = make_plan(args.output, args.only, args.seeds, args.config, args.set, args.budget_minutes, args.steps)
+        report = Path(args.report)
+        if args.list:
+            print("\n".join(status_lines(stored_plan(plan))))
+            return 0
+        if args.report_only:
+            records = list(load_results(plan.output).values())
+            if not records:
+                raise ConfigError(f"no finished runs in {plan.output / 'results.jsonl'}")
+            print(write_report(stored_plan(plan), records, load_budgets(plan.output), report))
+            return 0
+        failures = run_ablation(plan, report)
+    except ConfigError as exc:
+        print(f"amfor.ablate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("amfor.ablate: interrupted; the same command resumes the ablation", file=sys.stderr)
+        return 130
+    if failures:
+        print(f"amfor.ablate: {len(failures)} run(s) failed:\n" + "\n".join(failures), file=sys.stderr)
+        return 1
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,630 @@
+"""AMFOR variants with components switched off (or added to a baseline), trained on the same data and seeds for
+a fixed per-variant stage-2 step count and evaluated on the test split: what `python -m amfor.ablate` does.
+
+Output folder:
+    budgets.json                   the settings, and each variant's step count with how it was fixed (machine, date)
+    results.jsonl                  one record per finished (variant, seed) run, with its exact amfor.train command
+    <variant>/seed<k>/             the `python -m amfor.train` run folder of one seed
+    <variant>/seed<k>.console.txt  that run's stdout and stderr (each attempt appended)
+    <variant>/calibration/         the calibration run (stopped once its step count is fixed; no checkpoints kept)
+
+Budgets are step counts, not clocks: a run that stops on the clock depends on how fast the machine happened to
+be, so its seed cannot be repeated. Each variant's speed is measured once, by the engine's own BudgetHook (the
+first seed's run with `train.max_minutes` set, stopped as soon as the hook has fixed `train.max_steps`); then
+every seed runs `train.max_steps=N train.max_minutes=0`, which `python -m amfor.train` repeats exactly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from ..config import ConfigError, build_config
+from ..models.amfor import SWITCHES
+from .checkpoint import CheckpointError, load_checkpoint
+
+logger = logging.getLogger("amfor.ablate")
+
+VALIDATION_NOTE = "model choices were made on the validation split only; these are test-split numbers"
+
+
+# --- the variants ----------------------------------------------------------------------------------------
+# the model's component switches, and camera centring (a model keyword outside SWITCHES: models/camera.py)
+KNOBS = (*SWITCHES, "camera_centering")
+
+
+def _on(*names: str) -> dict[str, bool]:
+    """Model keywords of KNOBS with `names` on and every other one off."""
+    return {s: s in names for s in KNOBS}
+
+
+def _full_without(*names: str) -> dict[str, bool]:
+    return _on(*(s for s in KNOBS if s not in names))
+
+
+# teacher_student and part_recon need parts, amgd needs teacher_student (AMFOR._check_switches)
+VARIANTS: dict[str, dict[str, bool]] = {
+    "baseline": _on(),  # TransReID-style global feature, ID + triplet
+    "+camera": _on("camera_centering"),
+    "+parts": _on("camera_centering", "parts", "teacher_student"),
+    "+amff": _on("camera_centering", "parts", "teacher_student", "amff", "text"),
+    "+hpr": _on("camera_centering", "parts", "teacher_student", "amff", "text", "hpr", "part_recon"),
+    "full": _on(*KNOBS),
+    "full-camera": _full_without("camera_centering"),
+    "full-amff": _full_without("amff", "text"),
+    "full-text": _full_without("text"),
+    "full-ts": _full_without("teacher_student", "amgd"),
+    "full-amgd": _full_without("amgd"),
+    "full-hpr": _full_without("hpr"),
+    "full-part_recon": _full_without("part_recon"),
+    "full-parts": _full_without("parts", "teacher_student", "amgd", "part_recon"),
+}
+DEFAULT_SEEDS = {"baseline": 3, "full": 3}  # every other variant: 2
+OWNED_KEYS = ("output", "train.seed", "train.max_steps", "train.max_minutes", *(f"model.kwargs.{s}" for s in KNOBS))
+
+
+def default_seeds(variant: str) -> int:
+    return DEFAULT_SEEDS.get(variant, 2)
+
+
+def reference(variant: str) -> str | None:
+    """The row a variant's delta is taken against: baseline for `+x`, full for `full-x`, none for those two."""
+    return "baseline" if variant.startswith("+") else "full" if variant.startswith("full-") else None
+
+
+def check_variants(names: Iterable[str]) -> list[str]:
+    """`names` in the table's order; an unknown one -> ConfigError naming the closest valid name."""
+    names = list(dict.fromkeys(names))
+    for name in names:
+        if name not in VARIANTS:
+            near = difflib.get_close_matches(name, list(VARIANTS), n=1, cutoff=0.4)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"unknown variant '{name}'{hint} (variants: {', '.join(VARIANTS)})")
+    return [v for v in VARIANTS if v in names]
+
+
+def check_overrides(overrides: Iterable[str]) -> None:
+    """The seed, the budget, the output and the switches are the ablation's own: refuse them in --set."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in OWNED_KEYS:
+            raise ConfigError(f"--set {key}: the ablation sets this key itself for every run (choose with --seeds, "
+                              "--budget-minutes, --steps, --output or --only)")
+
+
+# --- the plan --------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Which runs an ablation holds and how each is trained (everything but the per-variant step count)."""
+
+    output: Path
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    num_seeds: int | None = None        # None = DEFAULT_SEEDS
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    budget_minutes: float | None = None  # calibrated budgets ...
+    steps: int | None = None             # ... or one fixed step count for every variant
+
+    def seeds(self, variant: str) -> int:
+        return self.num_seeds or default_seeds(variant)
+
+    def settings(self) -> dict:
+        """What the results of an output folder depend on (the variants and seeds may grow)."""
+        return {"config": self.config, "overrides": list(self.overrides), "budget_minutes": self.budget_minutes,
+                "steps": self.steps}
+
+    def order(self) -> list[tuple[str, int]]:
+        """(variant, seed) pairs seed-major: every variant's seed 0 first, so a cut-short ablation has every row."""
+        last = max(self.seeds(v) for v in self.variants)
+        return [(v, s) for s in range(last) for v in self.variants if s < self.seeds(v)]
+
+    def run_dir(self, variant: str, seed: int) -> Path:
+        return self.output / variant / f"seed{seed}"
+
+    def train_args(self, variant: str, seed: int, steps: int, minutes: float = 0.0,
+                   run_dir: Path | None = None) -> list[str]:
+        """`python -m amfor.train` arguments of one run: settings, the variant's switches, seed and budget."""
+        config = ["--config", self.config] if self.config else []
+        switches = [f"model.kwargs.{k}={str(on).lower()}" for k, on in VARIANTS[variant].items()]
+        budget = [f"train.seed={seed}", f"train.max_steps={steps}", f"train.max_minutes={minutes:g}"]
+        out = run_dir if run_dir is not None else self.run_dir(variant, seed)
+        return [*config, "--set", *self.overrides, *switches, *budget, "--output", str(out)]
+
+    def ablate_command(self, report: Path) -> str:
+        """The `python -m amfor.ablate` command that reproduces this ablation and its report."""
+        args = ["--output", str(self.output)]
+        args += ["--config", self.config] if self.config else []
+        args += ["--steps", str(self.steps)] if self.steps else ["--budget-minutes", f"{self.budget_minutes:g}"]
+        args += ["--only", *self.variants] if self.variants != list(VARIANTS) else []
+        args += ["--seeds", str(self.num_seeds)] if self.num_seeds else []
+        args += ["--set", *self.overrides] if self.overrides else []
+        return shlex.join(["python", "-m", "amfor.ablate", *args, "--report", str(report)])
+
+
+def make_plan(output: str | Path, only: Iterable[str] | None = None, seeds: int | None = None,
+              config: str | None = None, overrides: Iterable[str] = (), budget_minutes: float | None = None,
+              steps: int | None = None) -> Plan:
+    """A checked plan: known variants, seeds >= 1, overrides that fit the config schema, one kind of budget.
+    No budget given: the base config's `train.max_minutes` (the demo's 9 minutes)."""
+    variants = check_variants(only) if only else list(VARIANTS)
+    overrides = list(overrides)
+    if seeds is not None and seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if budget_minutes is not None and (steps is not None or budget_minutes <= 0):
+        raise ConfigError("--budget-minutes must be > 0 and cannot go with --steps")
+    check_overrides(overrides)
+    base = build_config(config, overrides)  # unknown keys and bad values fail here, before any run
+    if steps is None and budget_minutes is None:
+        budget_minutes = float(base.train.max_minutes)
+        if budget_minutes <= 0:
+            raise ConfigError("the base config has no time budget (train.max_minutes=0): give --budget-minutes "
+                              "or --steps")
+    return Plan(Path(output), variants, seeds, config, overrides, budget_minutes, steps)
+
+
+def train_command(args: list[str]) -> str:
+    return shlex.join(["python", "-m", "amfor.train", *args])
+
+
+# --- budgets.json ----------------------------------------------------------------------------------------
+def machine() -> dict:
+    """What a step count was measured on: CPU model and count, torch version and threads, GPU."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "gpu": gpu}
+
+
+def describe_machine(m: dict) -> str:
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return f"{m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['threads']} threads){gpu}"
+
+
+def load_budgets(output: Path) -> dict:
+    path = output / "budgets.json"
+    return json.loads(path.read_text()) if path.exists() else {"settings": None, "variants": {}}
+
+
+def save_budgets(output: Path, budgets: dict) -> None:
+    """Written whole to a temporary file, then renamed: an interrupted write leaves the previous file."""
+    tmp = output / ".budgets.json.tmp"
+    tmp.write_text(json.dumps(budgets, indent=1) + "\n")
+    os.replace(tmp, output / "budgets.json")
+
+
+def check_settings(budgets: dict, plan: Plan) -> None:
+    """An output folder holds one ablation: other settings would mix results of different runs."""
+    stored = budgets.get("settings")
+    if stored is not None and stored != plan.settings():
+        diff = {k: (stored.get(k), v) for k, v in plan.settings().items() if stored.get(k) != v}
+        raise ConfigError(f"{plan.output} holds an ablation with other settings (stored, given: {diff}); "
+                          "choose another --output")
+
+
+# --- running amfor.train ---------------------------------------------------------------------------------
+class RunFailed(RuntimeError):
+    """A training or calibration run that ended with an error; the message names its console file."""
+
+
+def _failure(what: str, rc: int, console: Path) -> RunFailed:
+    lines = [line for line in console.read_text(errors="replace").splitlines() if line.strip()] \
+        if console.exists() else []
+    tail = "\n    ".join(lines[-3:])
+    return RunFailed(f"{what} failed (exit code {rc}); see {console}:\n    {tail}")
+
+
+def start_train(args: list[str], console: Path) -> subprocess.Popen:
+    """`python -m amfor.train args` in its own session (so its loader workers can be stopped with it)."""
+    console.parent.mkdir(parents=True, exist_ok=True)
+    with open(console, "a") as out:
+        out.write(f"\n[{datetime.now():%Y-%m-%d %H:%M:%S}] $ {train_command(args)}\n")
+        out.flush()
+        return subprocess.Popen([sys.executable, "-m", "amfor.train", *args], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a run started by start_train (its process group) if it is still going."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_train(args: list[str], console: Path) -> tuple[int, float]:
+    """One amfor.train process to its end -> (exit code, wall seconds); stopped too if this process is."""
+    t = time.time()
+    proc = start_train(args, console)
+    try:
+        rc = proc.wait()
+    finally:
+        stop(proc)
+    return rc, time.time() - t
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete records of a JSONL file (a line still being written is skipped)."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+# --- calibration -----------------------------------------------------------------------------------------
+def prepare_data(plan: Plan) -> None:
+    """Build (for synthetic data: generate) the dataset before any calibration, so no budget pays for it."""
+    from .runner import build_data
+
+    build_data(build_config(plan.config, plan.overrides))
+
+
+def _wait_for_budget(proc: subprocess.Popen, metrics: Path, poll_s: float = 0.25) -> dict | None:
+    """The run's `budget` record (written when BudgetHook fixes max_steps), or None if it ended without one."""
+    while True:
+        ended = proc.poll() is not None
+        record = next((r for r in read_jsonl(metrics) if r.get("type") == "budget"), None)
+        if record is not None or ended:
+            return record
+        time.sleep(poll_s)
+
+
+def calibrate(plan: Plan, variant: str) -> dict:
+    """Fix `variant`'s stage-2 step count on this machine -> its budgets.json entry.
+
+    Seed 0 runs with `train.max_minutes` set and `train.max_steps=0`: the engine's BudgetHook times stage-2
+    steps 2..10 and one evaluation forward, counts what the run has spent since its process started (imports,
+    data, stage 1) and the evaluations still to come, and writes `max_steps` into the run's config.yaml and
+    metrics.jsonl. The calibration run is stopped there and seed 0 is trained again with that `max_steps`, so
+    that every result is, by construction, a `max_steps` run: what `python -m amfor.train --set ...
+    train.max_steps=N` repeats exactly. (A clock-fixed run once differed from its `max_steps` twin because the
+    hook's eval-cost probe drew from the global RNG; the probe now draws inside fork_rng, but the ablation does
+    not rely on the two coinciding.)
+    """
+    run_dir, console = plan.output / variant / "calibration", plan.output / variant / "calibration.console.txt"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    logger.info("%s: calibrating the step count of a %g-minute run", variant, plan.budget_minutes)
+    proc = start_train(plan.train_args(variant, 0, 0, plan.budget_minutes, run_dir), console)
+    try:
+        record = _wait_for_budget(proc, run_dir / "metrics.jsonl")
+    finally:
+        stop(proc)
+    if record is None and proc.returncode != 0:
+        raise _failure(f"{variant}: calibration", proc.returncode, console)
+    if record is None:
+        raise RunFailed(f"{variant}: the calibration run ended before its step count was fixed (stage 2 shorter "
+                        f"than 10 steps?); raise train.epochs or give --steps; see {console}")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # never resumed
+    resolved = build_config(run_dir / "config.yaml").train  # the run's resolved config, max_steps filled in
+    if resolved.max_steps != record["max_steps"]:
+        raise RunFailed(f"{variant}: calibration logged max_steps {record['max_steps']} but its config.yaml says "
+                        f"{resolved.max_steps}; see {console}")
+    logger.info("%s: %d stage-2 steps (%.3f s/step)", variant, record["max_steps"], record["step_s"])
+    return {"steps": int(record["max_steps"]), "img_s": resolved.batch_size / record["step_s"],
+            "step_s": record["step_s"], "eval_s_per_image": record["eval_s_per_image"],
+            "budget_minutes": plan.budget_minutes, "source": "calibration", "calibration_dir": str(run_dir),
+            "machine": machine(), "date": f"{datetime.now():%Y-%m-%d %H:%M}"}
+
+
+def budget_of(plan: Plan, variant: str, budgets: dict) -> int:
+    """The variant's stage-2 step count: stored, else fixed now (--steps or calibration) and stored."""
+    entry = budgets["variants"].get(variant)
+    if entry is None:
+        entry = calibrate(plan, variant) if plan.steps is None else {
+            "steps": plan.steps, "source": "--steps", "machine": machine(), "date": f"{datetime.now():%Y-%m-%d %H:%M}"}
+        budgets["variants"][variant] = entry
+        save_budgets(plan.output, budgets)
+    return int(entry["steps"])
+
+
+# --- one (variant, seed) run -----------------------------------------------------------------------------
+def _resumable(run_dir: Path) -> Path | None:
+    """The interrupted run's last.pt when it can be read (amfor.train --resume continues it exactly), else None."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.exists():
+        return None
+    try:
+        load_checkpoint(last)
+    except CheckpointError as exc:
+        logger.warning("%s: %s; starting the run again", run_dir, exc)
+        return None
+    return last
+
+
+def run_one(plan: Plan, variant: str, seed: int, steps: int) -> dict:
+    """Train (or resume, or just collect) one run -> its results record."""
+    run_dir = plan.run_dir(variant, seed)
+    console = run_dir.parent / f"seed{seed}.console.txt"
+    wall_s, resume = None, None
+    if not (run_dir / "results.json").exists():
+        resume = _resumable(run_dir)
+        if resume is None:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a start that wrote no checkpoint: begin anew
+        logger.info("%s seed %d: %s %d steps", variant, seed, "resuming" if resume else "training", steps)
+        # --output: the checkpoint's config names the folder it was written in, which may have moved since
+        args = ["--resume", str(resume), "--output", str(run_dir)] if resume else plan.train_args(variant, seed, steps)
+        rc, wall_s = run_train(args, console)
+        if rc != 0 or not (run_dir / "results.json").exists():
+            raise _failure(f"{variant} seed {seed}", rc, console)
+    return make_record(plan, variant, seed, steps, wall_s, resume is not None)
+
+
+def _epochs(run_dir: Path, steps: int) -> float | None:
+    """Stage-2 epochs reached: steps / the steps per epoch the run logged (PK epochs vary by a batch or so)."""
+    log = run_dir / "log.txt"
+    found = re.findall(r"stage 2: \d+ steps \((\d+) per epoch", log.read_text()) if log.exists() else []
+    return steps / int(found[-1]) if found and int(found[-1]) > 0 else None
+
+
+def make_record(plan: Plan, variant: str, seed: int, steps: int, wall_s: float | None, resumed: bool) -> dict:
+    """The results.jsonl record of a finished run folder (results.json, metrics.jsonl, log.txt)."""
+    run_dir = plan.run_dir(variant, seed)
+    results = json.loads((run_dir / "results.json").read_text())
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    img_s = [r["img_s"] for r in metrics if r.get("type") == "train" and r.get("stage") == 2 and "img_s" in r]
+    val = [r["mAP"] for r in metrics if r.get("type") == "eval" and r.get("split") == "val"]
+    return {"variant": variant, "seed": seed, "switches": VARIANTS[variant], "steps": steps,
+            "epochs": _epochs(run_dir, steps), "img_s": statistics.median(img_s) if img_s else None,
+            "occluded_mAP": results["query"]["mAP"], "occluded_R1": results["query"]["R1"],
+            "whole_mAP": results["query_whole"]["mAP"], "whole_R1": results["query_whole"]["R1"],
+            "val_mAP": max(val) if val else None, "wall_s": wall_s, "resumed": resumed,
+            "checkpoint": results.get("checkpoint"), "run_dir": str(run_dir),
+            "command": train_command(plan.train_args(variant, seed, steps)),
+            "date": f"{datetime.now():%Y-%m-%d %H:%M}"}
+
+
+def load_results(output: Path) -> dict[tuple[str, int], dict]:
+    return {(r["variant"], r["seed"]): r for r in read_jsonl(output / "results.jsonl")}
+
+
+def append_result(output: Path, record: dict) -> None:
+    with open(output / "results.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# --- the driver ------------------------------------------------------------------------------------------
+def run_ablation(plan: Plan, report: Path | None = None) -> list[str]:
+    """Every planned (variant, seed) not finished yet, seed-major -> the failures (the other runs go on).
+    The report is rewritten after each finished run, so a cut-short ablation leaves a current one."""
+    plan.output.mkdir(parents=True, exist_ok=True)
+    budgets = load_budgets(plan.output)
+    check_settings(budgets, plan)
+    budgets["settings"] = plan.settings()
+    save_budgets(plan.output, budgets)
+    done = load_results(plan.output)
+    todo = [(v, s) for v, s in plan.order() if (v, s) not in done]
+    if plan.steps is None and any(v not in budgets["variants"] for v, _ in todo):
+        prepare_data(plan)
+    failures, broken = [], set()
+    for variant, seed in todo:
+        if variant in broken:
+            continue
+        try:
+            done[(variant, seed)] = record = run_one(plan, variant, seed, budget_of(plan, variant, budgets))
+        except RunFailed as exc:
+            if variant not in budgets["variants"]:
+                broken.add(variant)  # its calibration failed: none of its seeds can run
+            failures.append(str(exc))
+            logger.error("%s", exc)
+            continue
+        append_result(plan.output, record)
+        logger.info("%s seed %d: occluded mAP %.2f%%, whole-body mAP %.2f%%", variant, seed,
+                    100 * record["occluded_mAP"], 100 * record["whole_mAP"])
+        if report is not None:
+            write_report(plan, list(done.values()), budgets, report)
+    if report is not None:
+        write_report(plan, list(done.values()), budgets, report)
+    return failures
+
+
+def stored_plan(plan: Plan) -> Plan:
+    """`plan` with the settings its output folder was run with (for a report or listing of that folder)."""
+    stored = load_budgets(plan.output).get("settings")
+    if stored is None:
+        return plan
+    return Plan(plan.output, plan.variants, plan.num_seeds, stored["config"], list(stored["overrides"]),
+                stored["budget_minutes"], stored["steps"])
+
+
+def status_lines(plan: Plan) -> list[str]:
+    """`--list`: each variant's seeds (done / interrupted / to run) and budget."""
+    budgets, done = load_budgets(plan.output), load_results(plan.output)
+    lines = [f"{'variant':<16} {'seeds':<6} {'budget':<24} status"]
+    for variant in plan.variants:
+        n = plan.seeds(variant)
+        entry = budgets["variants"].get(variant)
+        budget = f"{entry['steps']} steps ({entry['source']})" if entry else \
+            f"{plan.steps} steps (--steps)" if plan.steps else f"to calibrate ({plan.budget_minutes:g} min)"
+        states = []
+        for seed in range(n):
+            run_dir = plan.run_dir(variant, seed)
+            state = "done" if (variant, seed) in done or (run_dir / "results.json").exists() else \
+                "interrupted" if (run_dir / "checkpoints" / "last.pt").exists() else "to run"
+            states.append(f"seed {seed} {state}")
+        finished = sum(s.endswith("done") for s in states)
+        lines.append(f"{variant:<16} {finished}/{n:<4} {budget:<24} {', '.join(states)}")
+    return lines
+
+
+# --- the report: math ------------------------------------------------------------------------------------
+METRICS = ("occluded_mAP", "occluded_R1", "whole_mAP", "whole_R1")
+
+
+def mean_std(values: Iterable[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); std None below two values, both None for no values."""
+    values = [float(v) for v in values]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _mean_of(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def variant_row(variant: str, records: list[dict], planned: int) -> dict:
+    """The finished seeds < `planned` of one variant: counts, steps, speed, epochs, mean/std per metric."""
+    recs = sorted((r for r in records if r["variant"] == variant and r["seed"] < planned), key=lambda r: r["seed"])
+    row = {"variant": variant, "done": len(recs), "planned": planned,
+           "steps": sorted({r["steps"] for r in recs}), "img_s": _mean_of(recs, "img_s"),
+           "epochs": _mean_of(recs, "epochs")}
+    for key in METRICS:
+        row[key], row[key + "_std"] = mean_std(r[key] for r in recs)
+    return row
+
+
+def delta(row: dict, ref: dict | None) -> dict:
+    """Occluded mAP of `row` minus `ref`'s, the seed spread (the larger std) and whether |delta| exceeds it."""
+    if ref is None:
+        return {"ref": None, "delta": None, "spread": None, "exceeds": None}
+    a, b = row["occluded_mAP"], ref["occluded_mAP"]
+    d = None if a is None or b is None else a - b
+    stds = (row["occluded_mAP_std"], ref["occluded_mAP_std"])
+    spread = None if None in stds else max(stds)
+    exceeds = None if d is None or spread is None else abs(d) > spread
+    return {"ref": ref["variant"], "delta": d, "spread": spread, "exceeds": exceeds}
+
+
+def summarize(records: list[dict], seeds: dict[str, int]) -> list[dict]:
+    """One row per variant of `seeds` (variant -> planned seeds), in order, with its delta vs its reference.
+    A reference outside `seeds` is computed from the records with its default seed count."""
+    rows = {v: variant_row(v, records, n) for v, n in seeds.items()}
+    for row in list(rows.values()):
+        ref = reference(row["variant"])
+        if ref is not None and ref not in rows:
+            rows[ref] = variant_row(ref, records, default_seeds(ref))
+        row.update(delta(row, rows.get(ref)))
+    return [rows[v] for v in seeds]
+
+
+# --- the report: rendering -------------------------------------------------------------------------------
+def _pct(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "—"
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """The Markdown table: one row per variant, percentages with 2 decimals, missing seeds shown as such."""
+    head = ["variant", "seeds", "steps", "img/s", "epochs", "occluded mAP", "occluded R1", "whole-body mAP",
+            "whole-body R1", "Δ occluded mAP", "Δ > seed spread"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["variant"], f"{r['done']}/{r['planned']} seeds", "/".join(map(str, r["steps"])) or "—",
+                 _cell(r["img_s"], ".1f"), _cell(r["epochs"], ".1f"),
+                 *(_pct(r[k], r[k + "_std"]) for k in METRICS), *_delta_cells(r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _delta_cells(row: dict) -> tuple[str, str]:
+    """("+1.23 vs baseline", "yes" | "no" | "n/a (< 2 seeds)"), or dashes without a reference or its numbers."""
+    if row["delta"] is None:
+        return "—", "—"
+    beyond = "n/a (< 2 seeds)" if row["exceeds"] is None else "yes" if row["exceeds"] else "no"
+    return f"{100 * row['delta']:+.2f} vs {row['ref']}", beyond
+
+
+def header_lines(plan: Plan, budgets: dict, report: Path) -> list[str]:
+    """Budget, machine, reproducing command, date, and the validation/test note."""
+    entries = {v: budgets["variants"][v] for v in plan.variants if v in budgets["variants"]}
+    steps = ", ".join(f"{v} {e['steps']}" for v, e in entries.items()) or "not fixed yet"
+    if plan.steps:
+        budget = f"{plan.steps} stage-2 steps for every variant (given with --steps, not calibrated)"
+    else:
+        budget = (f"{plan.budget_minutes:g} minutes per run (imports, data, stage 1, stage 2 and evaluation), fixed "
+                  f"once per variant as a stage-2 step count by calibration on the machine below: {steps}")
+    machines = sorted({describe_machine(e["machine"]) for e in entries.values() if "machine" in e}) or ["unknown"]
+    dates = sorted({e["date"] for e in entries.values() if "date" in e})
+    when = f" (step counts fixed {' to '.join(dict.fromkeys([dates[0], dates[-1]]))})" if dates else ""
+    return [
+        "# AMFOR ablation", "",
+        f"Budget: {budget}; every seed of a variant trains exactly that many steps (`train.max_steps=N "
+        "train.max_minutes=0`), so each run is repeatable from the `command` of its record in "
+        f"`{plan.output / 'results.jsonl'}`. Machine: {'; '.join(machines)}{when}. Reproduce this report with "
+        f"`{plan.ablate_command(report)}`. Written {datetime.now():%Y-%m-%d %H:%M}.", "",
+        f"Note: {VALIDATION_NOTE}.", "",
+        "Test-split mAP and rank-1 in percent, mean ± sample standard deviation over the finished seeds "
+        "(`train.seed`; the data, `data.seed`, are the same for all); occluded queries (`query`) and their "
+        "whole-body copies (`query_whole`). Δ: occluded mAP minus that of the reference row (baseline for the `+` "
+        "rows, full for the `full-` rows); it exceeds the seed spread when |Δ| is larger than the larger of the "
+        "two standard deviations. Rows with missing seeds show only the finished ones.", "",
+    ]
+
+
+def switch_lines(variants: list[str]) -> list[str]:
+    lines = ["| variant | " + " | ".join(KNOBS) + " |", "|" + "---|" * (len(KNOBS) + 1)]
+    for v in variants:
+        lines.append(f"| {v} | " + " | ".join("on" if VARIANTS[v][s] else "·" for s in KNOBS) + " |")
+    return lines
+
+
+def plot_rows(rows: list[dict], path: Path) -> Path:
+    """Grouped bars of occluded and whole-body mAP per variant, with std error bars (matplotlib's object API)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 0.75 * len(rows) + 2), 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x, width = list(range(len(rows))), 0.38
+    for offset, key, label in ((-width / 2, "occluded_mAP", "occluded"), (width / 2, "whole_mAP", "whole body")):
+        heights = [math.nan if r[key] is None else 100 * r[key] for r in rows]
+        errors = [math.nan if r[key + "_std"] is None else 100 * r[key + "_std"] for r in rows]  # no bar: < 2 seeds
+        ax.bar([i + offset for i in x], heights, width, yerr=errors, capsize=3, label=label)
+    ax.set_xticks(x, [f"{r['variant']} ({r['done']}/{r['planned']})" for r in rows], rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("test mAP (%)")
+    ax.set_title("AMFOR ablation: mean ± std over seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_report(plan: Plan, records: list[dict], budgets: dict, report: Path) -> Path:
+    """`report` (Markdown) and the PNG next to it, from the records of finished runs."""
+    rows = summarize(records, {v: plan.seeds(v) for v in plan.variants})
+    report.parent.mkdir(parents=True, exist_ok=True)
+    png = plot_rows(rows, report.with_suffix(".png"))
+    lines = [*header_lines(plan, budgets, report), *table_lines(rows), "",
+             f"![occluded and whole-body mAP]({png.name})", "", "Switches (`model.kwargs.<switch>`):", "",
+             *switch_lines(plan.variants)]
+    report.write_text("\n".join(lines) + "\n")
+    return report

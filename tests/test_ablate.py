@@ -1,0 +1,258 @@
+"""`python -m amfor.ablate` end to end on the tiny synthetic set with the real tiny model (2 stage-2 steps a run),
+plus the report's math on hand-made records."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from amfor.ablate import main
+from amfor.engine import ablation
+from amfor.engine.ablation import VARIANTS, delta, mean_std, read_jsonl, summarize, table_lines
+from amfor.models.amfor import AMFOR, SWITCHES
+
+VARIANT_PAIR = ["baseline", "+parts"]  # the two cheapest variants (no text tower, so no stage 1)
+
+
+def tiny_sets(root: Path, *extra: str) -> list[str]:
+    """Tiny data, batch 8, one stage-1 epoch; a numbered checkpoint per step (so a mid-run resume can be staged)."""
+    return [f"data.root={root}", "data.size=tiny", "data.num_workers=1", "device=cpu", "train.batch_size=8",
+            "train.stage1_epochs=1", "train.eval_every=1", "train.log_every=1", "test.num_ranked=0",
+            "train.checkpoint_every=1", "train.keep_checkpoints=2", *extra]
+
+
+def tiny_args(root: Path, out: Path, *flags: str, only: list[str] = VARIANT_PAIR) -> list[str]:
+    """`amfor.ablate` arguments: `only` x 1 seed on the tiny set, report in the output folder, then `flags`."""
+    return ["--only", *only, "--seeds", "1", "--output", str(out), "--report", str(out / "report.md"), *flags,
+            "--set", *tiny_sets(root)]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    from amfor.data import build_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    build_dataset("synthetic", str(root), size="tiny")
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The training subprocesses inherit it: two small runs on a shared two-core machine go faster on one thread."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def ablated(tiny_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ablation") / "abl"
+    assert main(tiny_args(tiny_root, out, "--steps", "2")) == 0
+    return out
+
+
+def table_of(report: Path) -> list[str]:
+    return [line for line in report.read_text().splitlines() if line.startswith("| ")]
+
+
+# (1) ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_variants_write_records_a_report_and_a_png(ablated):
+    records = read_jsonl(ablated / "results.jsonl")
+    assert [(r["variant"], r["seed"]) for r in records] == [("baseline", 0), ("+parts", 0)]
+    for r in records:
+        for key in ("switches", "steps", "epochs", "img_s", "occluded_mAP", "occluded_R1", "whole_mAP", "whole_R1",
+                    "val_mAP", "wall_s", "command"):
+            assert r[key] is not None, key
+        assert r["switches"] == VARIANTS[r["variant"]] and r["steps"] == 2 and r["epochs"] > 0
+        assert 0 <= r["occluded_mAP"] <= 1 and 0 <= r["whole_R1"] <= 1 and not r["resumed"]
+        assert r["command"].startswith("python -m amfor.train --set ") and "train.seed=0" in r["command"]
+        assert "train.max_steps=2 train.max_minutes=0" in r["command"]
+        results = json.loads((ablated / r["variant"] / "seed0" / "results.json").read_text())
+        assert r["occluded_mAP"] == results["query"]["mAP"] and r["whole_mAP"] == results["query_whole"]["mAP"]
+    budgets = json.loads((ablated / "budgets.json").read_text())
+    assert {v: e["steps"] for v, e in budgets["variants"].items()} == {"baseline": 2, "+parts": 2}
+    assert budgets["variants"]["baseline"]["machine"]["cpu_count"] >= 1
+    report = (ablated / "report.md").read_text()
+    assert "model choices were made on the validation split only; these are test-split numbers" in report
+    assert "python -m amfor.ablate --output" in report and "--steps 2" in report
+    rows = table_of(ablated / "report.md")
+    assert rows[1].startswith("| baseline | 1/1 seeds | 2 |") and rows[2].startswith("| +parts | 1/1 seeds | 2 |")
+    expected = f"{100 * (records[1]['occluded_mAP'] - records[0]['occluded_mAP']):+.2f} vs baseline"
+    assert expected in rows[2] and "n/a (< 2 seeds)" in rows[2]
+    png = (ablated / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+# (2) ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_running_again_trains_nothing(ablated, tiny_root, monkeypatch):
+    stamps = {p: p.stat().st_mtime_ns for p in ablated.glob("*/seed0/results.json")}
+    lines = (ablated / "results.jsonl").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError(f"a finished ablation started amfor.train {args}")
+
+    monkeypatch.setattr(ablation, "start_train", no_training)
+    start = time.time()
+    assert main(tiny_args(tiny_root, ablated, "--steps", "2")) == 0
+    assert time.time() - start < 15
+    assert (ablated / "results.jsonl").read_text() == lines
+    assert len(stamps) == 2 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+@pytest.mark.slow
+def test_other_settings_in_the_same_output_are_refused(ablated, tiny_root, capsys):
+    assert main(tiny_args(tiny_root, ablated, "--steps", "3")) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+# (3) ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_interrupted_runs_are_resumed_or_restarted_to_the_same_result(ablated, tiny_root, tmp_path):
+    out = tmp_path / "abl"
+    shutil.copytree(ablated, out)
+    before = {r["variant"]: r for r in read_jsonl(out / "results.jsonl")}
+    base, parts = out / "baseline" / "seed0", out / "+parts" / "seed0"
+    # baseline: killed after stage-2 step 1 (its last.pt is that step's checkpoint); +parts: before any checkpoint
+    shutil.copy(base / "checkpoints" / "stage2_step0000001.pt", base / "checkpoints" / "last.pt")
+    shutil.rmtree(parts / "checkpoints")
+    for run in (base, parts):
+        (run / "results.json").unlink()
+    (out / "results.jsonl").unlink()
+    plan = ablation.make_plan(out, VARIANT_PAIR, 1, overrides=tiny_sets(tiny_root), steps=2)
+    lines = "\n".join(ablation.status_lines(plan))
+    assert "seed 0 interrupted" in lines and "seed 0 to run" in lines
+    assert main(tiny_args(tiny_root, out, "--steps", "2")) == 0
+    after = {r["variant"]: r for r in read_jsonl(out / "results.jsonl")}
+    assert after["baseline"]["resumed"] and not after["+parts"]["resumed"]
+    for v in VARIANT_PAIR:  # an exact resume, and the same command, give the same numbers
+        for key in ("occluded_mAP", "occluded_R1", "whole_mAP", "whole_R1", "val_mAP", "steps"):
+            assert after[v][key] == before[v][key], (v, key)
+    console = (out / "+parts" / "seed0.console.txt").read_text()
+    assert console.rsplit("$ ", 1)[1].splitlines()[0] == after["+parts"]["command"]  # the recorded command ran
+    assert "--resume" in (out / "baseline" / "seed0.console.txt").read_text().rsplit("$ ", 1)[1].splitlines()[0]
+
+
+@pytest.mark.slow
+def test_a_failing_run_is_reported_and_the_others_go_on(ablated, tiny_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "abl"
+    shutil.copytree(ablated, out)
+    (out / "results.jsonl").unlink()
+    saved = (out / "+parts" / "seed0" / "results.json").read_text()
+    for v in VARIANT_PAIR:
+        (out / v / "seed0" / "results.json").unlink()
+
+    def fake_train(args, console):  # baseline crashes, +parts finishes (its results.json comes back)
+        console.write_text("Traceback (most recent call last):\nRuntimeError: boom\n")
+        if args[args.index("--output") + 1].endswith("+parts/seed0"):
+            (out / "+parts" / "seed0" / "results.json").write_text(saved)
+            return 0, 1.0
+        return 1, 1.0
+
+    monkeypatch.setattr(ablation, "run_train", fake_train)
+    assert main(tiny_args(tiny_root, out, "--steps", "2")) == 1
+    err = capsys.readouterr().err
+    assert "baseline seed 0 failed (exit code 1)" in err and "RuntimeError: boom" in err
+    assert [r["variant"] for r in read_jsonl(out / "results.jsonl")] == ["+parts"]
+    assert "| baseline | 0/1 seeds | — |" in (out / "report.md").read_text()
+
+
+# (4) ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_report_only_rebuilds_the_same_table(ablated, capsys):
+    again = ablated.parent / "again.md"
+    assert main(["--report-only", "--only", *VARIANT_PAIR, "--seeds", "1", "--output", str(ablated),
+                 "--report", str(again)]) == 0
+    assert table_of(again) == table_of(ablated / "report.md") and again.with_suffix(".png").exists()
+    assert "--steps 2" in again.read_text()  # the header comes from the stored settings, not the defaults
+
+
+# (5) ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_an_unknown_variant_exits_2_naming_the_closest(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "amfor.ablate", "--only", "full-amf", "--output", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown variant 'full-amf'; did you mean 'full-amff'?" in proc.stderr
+
+
+def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path, capsys):
+    for argv, message in ((["--seeds", "0"], "--seeds must be >= 1"),
+                          (["--steps", "0"], "--steps must be >= 1"),
+                          (["--set", "train.seed=3"], "--set train.seed"),
+                          (["--set", "train.lrate=3"], "did you mean 'train.lr'"),
+                          (["--report-only"], "no finished runs"),
+                          (["--only", "+part"], "did you mean '+parts'")):
+        assert main([*argv, "--output", str(tmp_path / "x")]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "x").exists()
+
+
+# (6) ------------------------------------------------------------------------------------------------------
+def record(variant: str, seed: int, occ: float, whole: float = 0.5) -> dict:
+    return {"variant": variant, "seed": seed, "steps": 100, "img_s": 10.0 + seed, "epochs": 2.0,
+            "occluded_mAP": occ, "occluded_R1": occ + 0.1, "whole_mAP": whole, "whole_R1": whole + 0.1}
+
+
+def test_report_math_on_hand_made_records():
+    records = [record("baseline", 0, 0.20), record("baseline", 1, 0.22), record("baseline", 2, 0.24),
+               record("+parts", 0, 0.30), record("+parts", 1, 0.31),
+               record("full", 0, 0.40), record("full", 1, 0.40), record("full", 2, 0.40),
+               record("full-hpr", 0, 0.395),  # 1 of 2 seeds
+               record("full-amgd", 0, 0.39), record("full-amgd", 1, 0.41),
+               record("full", 7, 0.99)]  # outside the planned seeds: ignored
+    assert mean_std([0.2, 0.22, 0.24]) == (pytest.approx(0.22), pytest.approx(0.02))
+    assert mean_std([0.5]) == (0.5, None) and mean_std([]) == (None, None)
+    seeds = {"baseline": 3, "+parts": 2, "full": 3, "full-hpr": 2, "full-amgd": 2, "full-ts": 2}
+    rows = {r["variant"]: r for r in summarize(records, seeds)}
+    assert list(rows) == list(seeds)
+    b, p = rows["baseline"], rows["+parts"]
+    assert (b["done"], b["planned"], b["img_s"]) == (3, 3, pytest.approx(11.0)) and b["ref"] is None
+    assert p["ref"] == "baseline" and p["delta"] == pytest.approx(0.305 - 0.22)
+    assert p["spread"] == pytest.approx(0.02) and p["exceeds"] is True  # std(+parts) = 0.00707 < std(baseline)
+    full, hpr, amgd = rows["full"], rows["full-hpr"], rows["full-amgd"]
+    assert full["occluded_mAP"] == pytest.approx(0.40) and full["occluded_mAP_std"] == pytest.approx(0.0)
+    assert (hpr["done"], hpr["occluded_mAP_std"], hpr["exceeds"]) == (1, None, None)
+    assert hpr["delta"] == pytest.approx(-0.005)
+    assert amgd["delta"] == pytest.approx(0.0) and amgd["exceeds"] is False
+    assert rows["full-ts"]["done"] == 0 and rows["full-ts"]["delta"] is None
+    table = {line.split(" | ")[0][2:]: line for line in table_lines(list(rows.values()))[2:]}
+    assert "| 3/3 seeds | 100 | 11.0 | 2.0 | 22.00 ± 2.00 | 32.00 ± 2.00 | 50.00 ± 0.00 |" in table["baseline"]
+    assert "+8.50 vs baseline | yes |" in table["+parts"]
+    assert "| 1/2 seeds |" in table["full-hpr"] and "| 39.50 |" in table["full-hpr"]
+    assert "-0.50 vs full | n/a (< 2 seeds) |" in table["full-hpr"]
+    assert table["full-ts"].count("—") == 9 and "| 0/2 seeds | — |" in table["full-ts"]
+    assert delta(rows["full-amgd"], None)["delta"] is None and not math.isnan(amgd["spread"])
+
+
+def test_variants_respect_the_switch_dependencies():
+    assert set(VARIANTS) >= {"baseline", "+camera", "+parts", "+amff", "+hpr", "full", "full-parts", "full-camera"}
+    for name, knobs in VARIANTS.items():
+        assert list(knobs) == [*SWITCHES, "camera_centering"], name
+        AMFOR._check_switches(**{s: knobs[s] for s in SWITCHES}, num_classes=1)
+    assert not any(VARIANTS["baseline"].values()) and all(VARIANTS["full"].values())
+
+
+# calibration ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_calibration_fixes_a_step_count_that_every_seed_then_runs(tiny_root, tmp_path):
+    out = tmp_path / "abl"
+    assert main(tiny_args(tiny_root, out, "--budget-minutes", "0.25", only=["baseline"])) == 0
+    entry = json.loads((out / "budgets.json").read_text())["variants"]["baseline"]
+    assert entry["source"] == "calibration" and entry["steps"] >= 10 and entry["step_s"] > 0
+    assert entry["img_s"] == pytest.approx(8 / entry["step_s"]) and entry["machine"]["torch"]
+    assert not (out / "baseline" / "calibration" / "checkpoints").exists()
+    (rec,) = read_jsonl(out / "results.jsonl")
+    assert rec["steps"] == entry["steps"]
+    assert f"train.max_steps={entry['steps']} train.max_minutes=0" in rec["command"]
+    from amfor.config import build_config
+    cfg = build_config(out / "baseline" / "seed0" / "config.yaml")
+    assert (cfg.train.max_steps, cfg.train.max_minutes) == (entry["steps"], 0)
+    assert not [r for r in read_jsonl(out / "baseline" / "seed0" / "metrics.jsonl") if r["type"] == "budget"]
