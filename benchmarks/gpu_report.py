@@ -12,6 +12,9 @@ Built for a short loan of a bare machine (no network, maybe no timm or pytest-be
   (benchmarks/conftest.py stands in); a phase that times out keeps every result it printed before;
 - `--quick`: the op tests, then the headline benchmarks (one size per op, AMFOR_BENCH_QUICK=1); no other tests.
   With the build in scripts/gpu_check.sh it is meant to finish in 8 minutes.
+After the benchmarks it measures the device's ceilings (copy bandwidth, matmul rate) in the same run, gives
+every figure as a ratio to the other providers of its problem (`x_vs_<peer>`), and says which targets of
+DESIGN.md are met (`benchmarks/targets.py`).
 It also runs on a CPU machine, where the GPU tests and providers are skipped with their reasons.
 """
 
@@ -30,6 +33,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
+
+from benchmarks.targets import ceilings, verdicts, with_ratios
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUTS = {"ops": 900, "tests": 900, "bench": 1800}
@@ -153,6 +160,17 @@ def _phase_lines(title: str, run: dict | None) -> list[str]:
     return lines
 
 
+def _ceiling_lines(ceil: dict | None) -> list[str]:
+    if not ceil:
+        return []
+    if "error" in ceil:
+        return ["", "## Ceilings (same run)", "", f"not measured: {ceil['error']}"]
+    return ["", "## Ceilings (same run)", "",
+            f"- device-to-device copy of {ceil['copy_bytes'] / 2**20:.0f} MiB: {ceil['copy_GB/s']:.1f} GB/s "
+            "(read + write; every `copy_fraction` is against a copy of its own byte count, measured next to it)",
+            f"- {ceil['matmul_dtype']} matmul {ceil['matmul_n']}^3: {ceil['matmul_TFLOP/s']:.2f} TFLOP/s"]
+
+
 def markdown(report: dict) -> str:
     """The report as Markdown: environment, each phase, then one table per benchmark file."""
     env = report["environment"]
@@ -163,6 +181,11 @@ def markdown(report: dict) -> str:
     lines += _phase_lines("Op tests (tests/ops)", report.get("tests_ops"))
     lines += _phase_lines("Other tests", report.get("tests_rest"))
     lines += _phase_lines("Benchmarks", report.get("bench_run"))
+    lines += _ceiling_lines(report.get("ceilings"))
+    if report.get("targets"):
+        mark = {True: "met", False: "NOT met", None: "not judged"}
+        lines += ["", "## Targets (DESIGN.md)", "", "| target | verdict | on |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {mark[t['met']]} | {t['detail']} |" for t in report["targets"]]
     by_file: dict[str, list[dict]] = {}
     for row in report.get("benchmarks", []):
         by_file.setdefault(row["file"], []).append(row)
@@ -220,7 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         write(report, stem)
     paths = (["benchmarks/test_masked_patches.py", "benchmarks/test_query_fusion.py", "benchmarks/test_distill_loss.py"]
              if args.quick else ["benchmarks"])
-    report["benchmarks"], report["bench_run"] = run_benchmarks(paths, limits["bench"], args.quick)
+    rows, report["bench_run"] = run_benchmarks(paths, limits["bench"], args.quick)
+    report["benchmarks"] = with_ratios(rows)
+    write(report, stem)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        report["ceilings"] = ceilings(device)
+    except RuntimeError as exc:  # e.g. out of memory on a shared device: the report keeps everything else
+        report["ceilings"] = {"error": str(exc)[:300]}
+    report["targets"] = verdicts(report["benchmarks"], device)
     write(report, stem)
     ops = report["tests_ops"]
     print(f"wrote {stem}.json and {stem}.md: op tests {ops['counts']}; {len(report['benchmarks'])} benchmarks")
