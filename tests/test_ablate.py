@@ -173,6 +173,12 @@ def test_report_only_rebuilds_the_same_table(ablated, capsys):
                  "--report", str(again)]) == 0
     assert table_of(again) == table_of(ablated / "report.md") and again.with_suffix(".png").exists()
     assert "--steps 2" in again.read_text()  # the header comes from the stored settings, not the defaults
+    again.write_text(again.read_text() + "Findings: written by hand.\n")
+    assert main(["--report-only", "--only", *VARIANT_PAIR, "--seeds", "1", "--output", str(ablated),
+                 "--report", str(again)]) == 0
+    text = again.read_text()
+    assert text.endswith(ablation.NOTES_MARKER + "\nFindings: written by hand.\n")  # hand-written notes are kept
+    assert table_of(again) == table_of(ablated / "report.md") and text.count(ablation.NOTES_MARKER) == 1
 
 
 # (5) ------------------------------------------------------------------------------------------------------

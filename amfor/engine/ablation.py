@@ -618,13 +618,19 @@ def plot_rows(rows: list[dict], path: Path) -> Path:
     return path
 
 
+NOTES_MARKER = "<!-- notes: hand-written below this line, kept when the report is rewritten -->"
+
+
 def write_report(plan: Plan, records: list[dict], budgets: dict, report: Path) -> Path:
-    """`report` (Markdown) and the PNG next to it, from the records of finished runs."""
+    """`report` (Markdown) and the PNG next to it, from the records of finished runs. Whatever follows
+    NOTES_MARKER in an existing report (the findings, written by hand) is kept."""
     rows = summarize(records, {v: plan.seeds(v) for v in plan.variants})
     report.parent.mkdir(parents=True, exist_ok=True)
     png = plot_rows(rows, report.with_suffix(".png"))
+    old = report.read_text() if report.exists() else ""
+    notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else NOTES_MARKER + "\n"
     lines = [*header_lines(plan, budgets, report), *table_lines(rows), "",
              f"![occluded and whole-body mAP]({png.name})", "", "Switches (`model.kwargs.<switch>`):", "",
-             *switch_lines(plan.variants)]
-    report.write_text("\n".join(lines) + "\n")
+             *switch_lines(plan.variants), ""]
+    report.write_text("\n".join(lines) + "\n" + notes.rstrip("\n") + "\n")
     return report
