@@ -5,6 +5,8 @@
 - With AMFOR_BENCH_JSON=<path>, every finished benchmark appends one row (name, file, extra_info, median_ms) to
   that JSON-lines file at once, so a run cut short by a timeout still leaves every figure measured before it.
 - AMFOR_BENCH_QUICK=1 (gpu_report --quick): each file keeps only its headline sizes (benchmarks.common.QUICK).
+- With pytest-benchmark, `--benchmark-json` records torch's version and the GPU in machine_info, where
+  `python -m benchmarks.plot` finds them for its captions.
 """
 
 from __future__ import annotations
@@ -55,6 +57,16 @@ if not HAS_PYTEST_BENCHMARK:
     @pytest.fixture
     def benchmark():
         return _Stand_in()
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-benchmark hook: unknown (and harmless) without the plugin
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Add torch's version and the GPU (none on a CPU run) to the machine_info of --benchmark-json."""
+    import torch
+
+    machine_info["torch"] = torch.__version__
+    machine_info["cuda"] = torch.version.cuda
+    machine_info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,17 @@ import torch
 
 from amfor.ops import distill_kl_loss, use_backend
 from amfor.ops.distill_loss import distill_kl_loss_reference
-from benchmarks.common import MODES, QUICK, REFERENCE, REFERENCE_COMPILED, copy_bandwidth_gbps, measure, skip_unless
+from benchmarks.common import (
+    MODES,
+    QUICK,
+    REFERENCE,
+    REFERENCE_COMPILED,
+    check_close,
+    copy_bandwidth_gbps,
+    measure,
+    skip_unless,
+    stats_median_ms,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 G = 11
@@ -133,7 +143,18 @@ def _time_backward(benchmark, fn, student, teacher) -> float:
                 times.append(start.elapsed_time(end))
         median_ms = statistics.median(times)
     benchmark.pedantic(backward, setup=setup, rounds=ROUNDS, warmup_rounds=1)
-    return median_ms if DEVICE == "cuda" else benchmark.stats.stats.median * 1e3
+    return median_ms if DEVICE == "cuda" else stats_median_ms(benchmark, lambda: backward(*setup()[0]))
+
+
+def _check_against_reference(fn, student, teacher, what: str) -> None:
+    """The loss and its gradient against the eager reference (in float32) before anything is timed."""
+    loss = fn(student, teacher, TEMPERATURE)
+    (grad,) = torch.autograd.grad(loss, student)
+    s32 = student.detach().float().requires_grad_()
+    ref = distill_kl_loss_reference(s32, teacher.float(), TEMPERATURE)
+    (ref_grad,) = torch.autograd.grad(ref, s32)
+    check_close(loss.detach(), ref.detach().to(loss.dtype), f"{what} loss")
+    check_close(grad, ref_grad.to(grad.dtype), f"{what} gradient")
 
 
 def _gpu_launches_and_peak(fn, student, teacher) -> dict:
@@ -165,6 +186,7 @@ def test_distill_kl_loss(benchmark, provider, C, dtype, mode):
     benchmark.group = f"distill_kl_loss G={G} B={B} C={C} {str(dtype).split('.')[-1]} {mode}"
     info = {"provider": provider, "G": G, "B": B, "C": C, "dtype": str(dtype), "mode": mode}
     nbytes = _ideal_bytes(mode, student)
+    _check_against_reference(fn, student, teacher, f"{provider} C={C} {dtype}")
     if mode == "forward":
         median_ms = measure(benchmark, lambda: fn(student, teacher, TEMPERATURE), DEVICE, bytes_moved=nbytes,
                             rounds=ROUNDS, **info)

@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import amfor
 from amfor.ops import available_backends, use_backend
-from benchmarks.common import measure
+from benchmarks.common import check_close, measure
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAME = "amfor_vit_base_patch16" if DEVICE == "cuda" else "amfor_vit_tiny_patch16"
@@ -56,15 +56,29 @@ class Step:
         self.opt = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
         self.batch = make_batch(self.model.input_size)
 
-    def __call__(self) -> None:
+    def losses(self) -> dict[str, torch.Tensor]:
         b = self.batch
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
-            out = self.model(b["img"], b["pid"], b["camid"], b["mask"], b["occlusion"])
+            return self.model(b["img"], b["pid"], b["camid"], b["mask"], b["occlusion"])
+
+    def __call__(self) -> None:
+        out = self.losses()
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         self.opt.step()
         if DEVICE == "cuda":
             torch.cuda.synchronize()
+
+
+def check_losses(step: Step, backend: str) -> None:
+    """The backend's losses on the step's batch against the torch reference ops', same seed, before timing."""
+    losses = {}
+    for name in ("torch", backend):
+        torch.manual_seed(0)
+        with use_backend(name), torch.no_grad():
+            losses[name] = {k: v.float() for k, v in step.losses().items() if k.startswith("loss")}
+    for k, ref in losses["torch"].items():
+        check_close(losses[backend][k], ref, f"{backend} {k}", tol=3e-2 if DEVICE == "cuda" else 1e-4)  # bf16 on GPU
 
 
 def best_seconds(step: Step, rounds: int) -> float:
@@ -82,6 +96,7 @@ def test_training_step(benchmark, config, backend):
     if backend not in available_backends(DEVICE) or (DEVICE == "cpu" and backend == "triton"):
         pytest.skip(f"{backend} does not run on {DEVICE} here (the Triton interpreter is not a CPU backend)")
     step = Step(**CONFIGS[config])
+    check_losses(step, backend)
     with use_backend(backend):
         ms = measure(benchmark, step, DEVICE, rounds=5 if DEVICE == "cpu" else 20, model=NAME, config=config,
                      backend=backend, batch=BATCH)

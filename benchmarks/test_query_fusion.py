@@ -6,12 +6,12 @@ Two levels, forward pass, ViT-B sizes (D = 768, H = 12, head dim 64):
   memory_efficient_attention per layer (`xformers`), our `reference` and its torch.compile
   (`reference_compiled`), our `triton` / `cuda` (GPU) and `cpp` (CPU). Records GB/s over the bytes the op must
   move (q, k, v, weights, mask read, out written), copy_fraction (against a same-run device copy) and
-  speedup_vs_sdpa_loop.
+  speedup_vs_sdpa_loop. Each provider's output is checked against sdpa_loop's before it is timed.
 - `test_query_fusion_module`: raw tokens x [B, L, N, D] to fused [B, Q, D], projections included.
   Providers: `reference` (eager MHA: Linear K/V projections of every token + SDPA per layer + weighted sum +
   output projection), `reference_compiled` (its torch.compile), and amfor.nn.QueryFusion on the device's auto
   backend (`auto`), on the projected and on the absorbed path (parameter `path`).
-  Records speedup_vs_eager_mha.
+  Records speedup_vs_eager_mha; each output is checked against eager_mha's first.
 GPU: B = 64, Q in {7, 10, 16}, L in {1, 4, 6}, N in {129, 211, 242}, bfloat16. CPU: B = 2, Q = 10,
 L in {1, 4}, N = 129, float32, 3 rounds (the Triton interpreter is not benchmarked).
 """
@@ -28,7 +28,15 @@ import torch.nn.functional as F
 from amfor.nn import QueryFusion
 from amfor.ops import use_backend
 from amfor.ops.query_fusion import query_fusion_attention, query_fusion_attention_reference
-from benchmarks.common import QUICK, REFERENCE, REFERENCE_COMPILED, copy_bandwidth_gbps, measure, skip_unless
+from benchmarks.common import (
+    QUICK,
+    REFERENCE,
+    REFERENCE_COMPILED,
+    check_close,
+    copy_bandwidth_gbps,
+    measure,
+    skip_unless,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -124,6 +132,8 @@ def test_query_fusion_op(benchmark, provider, size):
     Q, L, N = size
     q, k, v, w = _op_inputs(Q, L, N)
     nbytes = (q.numel() * 2 + k.numel() + v.numel()) * q.element_size() + w.numel() * 4  # q, k, v, w read; out
+    got = fn(q, k, v, w)
+    check_close(got.transpose(1, 2) if provider == "xformers" else got, sdpa_loop(q, k, v, w), f"{provider} {size}")
     key = ("op", size)
     if key not in _BASELINES:
         _BASELINES[key] = _timed_plain(lambda: sdpa_loop(q, k, v, w))
@@ -170,6 +180,7 @@ def test_query_fusion_module(benchmark, provider, path, size):
         fn = lambda: module(x, path=path)  # noqa: E731 - the backend is the device's auto choice
     key = ("module", size)
     with torch.inference_mode():
+        check_close(fn(), eager_mha(module, x), f"{provider} {path} {size}")
         if key not in _BASELINES:
             _BASELINES[key] = _timed_plain(lambda: eager_mha(module, x))
         median = _timed(benchmark, fn, None, provider=provider, path=path or "", mode="forward", B=B, Q=Q, L=L, N=N,

@@ -172,14 +172,16 @@ class EvalHook(HookBase):
 class BudgetHook(HookBase):
     """Turns a wall-clock budget into a fixed stage-2 step count, once, from measured steps.
 
-    Steps `skip .. skip+measure` of this run are timed (after worker start-up and first-step costs), and an
+    Steps `skip .. skip+measure` of this run are timed (after worker start-up, first-step costs and the batches
+    the loader prefetched before stage 2: timing steps 2..10 read 0.65 s/step where the demo then ran 0.78, because
+    the first batches were waiting in the queue; the loader, not the model, sets the pace), and an
     eval-mode forward of one training batch gives the evaluation cost per image. Then
     max_steps = min(cap, (budget - elapsed - evaluations - margin) / step time); `on_fixed(steps, info)`
     records it (config, log). Called only when the count is not fixed yet (a resumed run keeps it).
     """
 
     def __init__(self, deadline: float, eval_images: Callable[[int], int], on_fixed: Callable[[int, dict], None],
-                 measure_eval: Callable[[], float], skip: int = 2, measure: int = 8, margin: float = 0.03,
+                 measure_eval: Callable[[], float], skip: int = 8, measure: int = 16, margin: float = 0.05,
                  overhead_s: float = 10.0) -> None:
         self.deadline, self.eval_images, self.on_fixed = deadline, eval_images, on_fixed
         self.measure_eval = measure_eval

@@ -1,0 +1,127 @@
+"""benchmarks/plot.py: PNGs, the results table and the README section from hand-made benchmark JSON."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import plot  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# median ms of each (provider, size): the reference's, then cpp's (2x faster, 2x faster, 2x slower)
+GATHER = {"reference": [1.0, 2.0, 4.0], "cpp": [0.5, 1.0, 8.0]}
+KL = {"reference": [3.0, 6.0, 9.0], "cpp": [1.0, 3.0, 18.0]}
+GATHER_K, KL_C = [60, 121, 181], [751, 1501, 4101]
+BYTES = 1_000_000
+
+
+def _bench(name: str, extra: dict, median_ms: float) -> dict:
+    return {"name": name, "fullname": f"benchmarks/test_x.py::{name}", "params": {}, "extra_info": extra,
+            "stats": {"median": median_ms * 1e-3, "rounds": 5}}
+
+
+def _pytest_benchmark_json(path: Path, machine_info: dict | None = None) -> Path:
+    """Two ops x two providers x three sizes, and two model-step entries, as pytest-benchmark writes them."""
+    benches = []
+    for provider, medians in GATHER.items():
+        for K, ms in zip(GATHER_K, medians, strict=True):
+            benches.append(_bench(f"test_masked_gather[{provider}-{K}]",
+                                  {"op": "masked_gather", "provider": provider, "mode": "forward", "B": 32, "N": 242,
+                                   "K": K, "D": 768, "median_ms": ms, "bytes": BYTES}, ms))
+    for provider, medians in KL.items():
+        for C, ms in zip(KL_C, medians, strict=True):  # no median_ms in extra_info: the stats' median is used
+            benches.append(_bench(f"test_distill_kl_loss[{provider}-{C}-full]",
+                                  {"provider": provider, "G": 11, "B": 8, "C": C, "dtype": "torch.float32",
+                                   "mode": "full"}, ms))
+    for backend, ms in (("torch", 250.0), ("cpp", 200.0)):
+        benches.append(_bench(f"test_training_step[baseline-{backend}]",
+                              {"model": "tiny", "config": "baseline", "backend": backend, "batch": 64,
+                               "median_ms": ms, "images_per_s": 64 / (ms * 1e-3)}, ms))
+    info = machine_info or {"cpu": {"brand_raw": "Test CPU", "count": 2}, "python_version": "3.11.7",
+                            "torch": "2.9.0", "gpu": None}
+    data = {"machine_info": info, "commit_info": {"id": "abcdef1234567890"}, "benchmarks": benches,
+            "datetime": "2026-01-02T03:04:05+00:00", "version": "5.1.0"}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _row(results, op: str, provider: str, size: str):
+    (match,) = [r for r in results if r.op == op and r.provider == provider and r.size == size]
+    return match
+
+
+def test_plots_and_table(tmp_path):
+    src = _pytest_benchmark_json(tmp_path / "bench.json")
+    out = tmp_path / "plots"
+    assert plot.main([str(src), "--out", str(out)]) == 0
+    for name in ("masked_gather", "distill_kl_loss", "model_step"):
+        png = (out / f"{name}.png").read_bytes()
+        assert png[:8] == PNG_MAGIC and len(png) > 10_000, name
+    assert sorted(p.name for p in out.iterdir()) == ["distill_kl_loss.png", "masked_gather.png", "model_step.png",
+                                                     "results.md"]
+    results, _ = plot.build([src], tmp_path / "again", None)
+    cpp = _row(results, "masked_gather", "cpp", "K=181")
+    assert cpp.median_ms == pytest.approx(8.0) and cpp.unit == "GB/s"
+    assert cpp.throughput == pytest.approx(BYTES / 8e-3 / 1e9)
+    assert _row(results, "distill_kl_loss", "cpp", "C=1501").median_ms == pytest.approx(3.0)
+    text = (out / "results.md").read_text()
+    assert "| masked_gather | forward | K=60 | reference | 1 | 1 GB/s | 1.00x |" in text
+    assert "| masked_gather | forward | K=60 | cpp | 0.5 | 2 GB/s | 2.00x |" in text  # 1.0 / 0.5
+    assert "| masked_gather | forward | K=181 | cpp | 8 | 0.125 GB/s | 0.50x |" in text  # 4.0 / 8.0
+    assert "| distill_kl_loss | full | C=751 | cpp | 1 | 1,000 calls/s | 3.00x |" in text  # 3.0 / 1.0
+    assert "| distill_kl_loss | full | C=1501 | cpp | 3 | 333 calls/s | 2.00x |" in text  # 6.0 / 3.0
+    assert "| distill_kl_loss | full | C=4101 | cpp | 18 | 55.6 calls/s | 0.50x |" in text  # 9.0 / 18.0
+    assert "| model_step | step | baseline | cpp | 200 | 320 images/s | 1.25x |" in text  # 250 / 200, torch = ref
+    assert "Test CPU (2 cores); torch 2.9.0" in text and "![masked_gather](masked_gather.png)" in text
+
+
+def test_latest_run_wins_and_report_format(tmp_path):
+    """A gpu_report report (the stand-in's rows) later than the pytest-benchmark file replaces its rows."""
+    old = _pytest_benchmark_json(tmp_path / "old.json", {"gpu": "Test GPU", "torch": "2.9.0"})
+    rows = [{"name": f"test_masked_gather[{p}-60]", "file": "benchmarks/test_x.py", "op": "masked_gather",
+             "provider": p, "mode": "forward", "K": 60, "median_ms": ms, "bytes": BYTES}
+            for p, ms in (("reference", 3.0), ("cpp", 1.0))]
+    new = tmp_path / "report.json"
+    new.write_text(json.dumps({"environment": {"device": "Test GPU", "torch": "2.9.0", "date": "2026-02-01T00:00:00"},
+                               "benchmarks": rows}))
+    results, _ = plot.build([old, new], tmp_path / "out", None)
+    assert _row(results, "masked_gather", "cpp", "K=60").median_ms == pytest.approx(1.0)
+    assert _row(results, "masked_gather", "cpp", "K=181").median_ms == pytest.approx(8.0)  # kept from the old run
+    assert "| masked_gather | forward | K=60 | cpp | 1 | 1 GB/s | 3.00x |" in (tmp_path / "out/results.md").read_text()
+
+
+def test_readme_section_replaced_and_rest_kept(tmp_path):
+    src = _pytest_benchmark_json(tmp_path / "bench.json")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nBefore.\n\n{plot.START}\nold results\n{plot.END}\n\nAfter.\n")
+    assert plot.main([str(src), "--out", str(tmp_path / "plots"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nBefore.\n\n" + plot.START + "\n") and text.endswith(plot.END + "\n\nAfter.\n")
+    assert "old results" not in text
+    assert "| masked_gather | forward | K=60 | cpp | 0.5 | 2 GB/s | 2.00x |" in text
+    assert "![model_step](plots/model_step.png)" in text  # relative to the README
+    created = tmp_path / "new" / "README.md"
+    assert plot.main([str(src), "--out", str(tmp_path / "plots"), "--readme", str(created)]) == 0
+    assert created.read_text().count(plot.START) == 1 and "| masked_gather |" in created.read_text()
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "no such file"),
+    ("not json at all", "not benchmark JSON"),
+    ('{"some": "dict"}', "not benchmark JSON"),
+    ('{"machine_info": {}, "benchmarks": []}', "no benchmarks"),
+    ('{"environment": {}, "benchmarks": []}', "no benchmarks"),
+])
+def test_bad_inputs_exit_2_naming_the_file(tmp_path, capsys, content, message):
+    path = tmp_path / "input.json"
+    if content is not None:
+        path.write_text(content)
+    assert plot.main([str(path), "--out", str(tmp_path / "plots")]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and message in err
+    assert not (tmp_path / "plots").exists()
