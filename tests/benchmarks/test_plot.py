@@ -1,16 +1,11 @@
 """benchmarks/plot.py: PNGs, the results table and the README section from hand-made benchmark JSON."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import plot  # noqa: E402
+from benchmarks import plot  # the repository root is on sys.path (tests/benchmarks/conftest.py)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # median ms of each (provider, size): the reference's, then cpp's (2x faster, 2x faster, 2x slower)
