@@ -12,7 +12,7 @@ extra_info, median_ms):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -24,25 +24,14 @@ COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}
 MATMUL_N = {"cuda": 8192, "cpu": 1024}
 
 
-def _median_ms(fn: Callable[[], object], device: str) -> float:
-    if device == "cuda":
-        from benchmarks.common import gpu_median_ms
-
-        return gpu_median_ms(fn)
-    import timeit
-
-    fn()
-    return min(timeit.repeat(fn, number=3, repeat=5)) / 3 * 1e3
-
-
 def ceilings(device: str) -> dict:
     """Measured now: copy GB/s (read + write) of COPY_BYTES and the matmul TFLOP/s of two MATMUL_N squares."""
-    from benchmarks.common import copy_bandwidth_gbps
+    from benchmarks.common import copy_bandwidth_gbps, device_ms
 
     n, dtype = MATMUL_N[device], torch.bfloat16 if device == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = _median_ms(lambda: a @ b, device)
+    ms = device_ms(lambda: a @ b, device)
     return {"device": device, "copy_bytes": COPY_BYTES[device], "copy_GB/s": copy_bandwidth_gbps(COPY_BYTES[device],
             device), "matmul_n": n, "matmul_dtype": str(dtype).split(".")[-1], "matmul_TFLOP/s": 2 * n**3 / ms / 1e9}
 

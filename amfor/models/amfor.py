@@ -247,7 +247,8 @@ class AMFOR(nn.Module):
         x = self.camera_centering(torch.cat([g[:, None], part["student"], part["foreground"][:, None]], 1), camids)
         g, part["student"], part["foreground"] = x[:, 0], x[:, 1:-1], x[:, -1]
         if "teacher" in part:
-            t = self.teacher_centering(torch.cat([part["teacher"], part["teacher_foreground"][:, None]], 1), camids)
+            t = self.teacher_centering(torch.cat([part["teacher"], part["teacher_foreground"][:, None]], 1), camids,
+                                       check=False)  # the same camids were checked just above
             part["teacher"], part["teacher_foreground"] = t[:, :-1], t[:, -1]
         return g, part
 

@@ -27,7 +27,8 @@ class CameraCentering(nn.Module):
     """x [B, S, D] (S feature slots, e.g. global + parts), camids [B] -> x - mean[camid] (per slot).
 
     `update=False` reads the running means without moving them; `slots` (a slice) centres x [B, S', D] with those
-    slots' means only (e.g. the global feature alone) and never updates them. momentum: EMA weight of each
+    slots' means only (e.g. the global feature alone) and never updates them; `check=False` skips the range
+    check of camids (already checked in this step: it costs a host sync). momentum: EMA weight of each
     batch's per-camera mean; a camera's first batch sets it.
     """
 
@@ -41,15 +42,15 @@ class CameraCentering(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_cameras, num_slots, dim))
         self.register_buffer("seen", torch.zeros(num_cameras, dtype=torch.bool))
 
-    def forward(self, x: torch.Tensor, camids: torch.Tensor, update: bool = True, slots: slice | None = None
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, camids: torch.Tensor, update: bool = True, slots: slice | None = None,
+                check: bool = True) -> torch.Tensor:
         mean = self.running_mean if slots is None else self.running_mean[:, slots]
         if x.dim() != 3 or x.shape[1:] != mean.shape[1:]:
             raise ValueError(f"features must be [B, {mean.shape[1]}, {mean.shape[2]}], got {list(x.shape)}")
         if camids is None or camids.shape != (x.shape[0],) or camids.is_floating_point():
             raise ValueError(f"camera centring needs integer camids of shape [{x.shape[0]}], got "
                              f"{getattr(camids, 'dtype', None)} {list(getattr(camids, 'shape', []))}")
-        bad = None if tracing() else out_of_range(camids, 0, self.num_cameras)
+        bad = None if tracing() or not check else out_of_range(camids, 0, self.num_cameras)  # one host sync
         if bad:
             raise ValueError(f"camids must lie in [0, {self.num_cameras}), got values in [{bad[0]}, {bad[1]}]")
         camids = camids.long()
