@@ -23,7 +23,7 @@ def token_part_counts(mask: torch.Tensor, patch_size: int, stride: int, num_clas
     -1 = no mask) -> counts [B, N, num_classes] (float32; -1 pixels are not counted).
 
     N = ny * nx with ny = (H - p) // s + 1 and nx = (W - p) // s + 1, tokens in row-major order (as the ViT
-    flattens its grid). One bincount, no [B, C, H, W] one-hot.
+    flattens its grid). One index_add, no [B, C, H, W] one-hot.
     """
     if mask.dim() != 3 or mask.is_floating_point():
         raise ValueError(f"mask must be an integer tensor [B, H, W], got {mask.dtype} {list(mask.shape)}")
@@ -37,9 +37,10 @@ def token_part_counts(mask: torch.Tensor, patch_size: int, stride: int, num_clas
     windows = F.unfold(mask[:, None].float(), kernel_size=patch_size, stride=stride).long()  # [B, p*p, N]
     B, _, N = windows.shape
     token = torch.arange(B * N, device=mask.device).view(B, 1, N)
-    valid = windows >= 0
-    keys = (token * num_classes + windows.clamp(min=0))[valid]
-    return torch.bincount(keys, minlength=B * N * num_classes).view(B, N, num_classes).float()
+    keys = token * num_classes + windows.clamp(min=0)
+    valid = (windows >= 0).float()  # -1 pixels add 0 (a weight, not a boolean selection: no host sync)
+    counts = torch.zeros(B * N * num_classes, device=mask.device).index_add_(0, keys.flatten(), valid.flatten())
+    return counts.view(B, N, num_classes)
 
 
 def mask_to_tokens(mask: torch.Tensor, patch_size: int, stride: int, num_classes: int) -> torch.Tensor:

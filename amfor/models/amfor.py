@@ -211,13 +211,15 @@ class AMFOR(nn.Module):
 
     # -- encoder ---------------------------------------------------------------------------------------------------
     def forward_encoder(self, images: torch.Tensor, camids: torch.Tensor | None, text_keys: torch.Tensor | None,
-                        index: torch.Tensor | None = None, fusion: bool = True) -> torch.Tensor:
+                        index: torch.Tensor | None = None, fusion: bool = True,
+                        patches: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens through the shared blocks with AMFF at the fusion points (unless `fusion=False`): the memory M.
 
-        images: [B, 3, H, W]; index: [B, K] kept patches (the masked view) or None (all N)  ->
-        M [B, 1 + N', D] with N' = K or N.
+        images: [B, 3, H, W]; index: [B, K] kept patches (the masked view) or None (all N); patches: the images'
+        patch embedding [B, N, D] when already computed (the two views share it)  ->  M [B, 1 + N', D] with
+        N' = K or N.
         """
-        x = self.embed(images, camids, index)
+        x = self.embed(images, camids, index, patches)
         fuse = self.fusion if fusion else None
         layers = [x]
         for k, blk in enumerate(self.backbone.blocks, start=1):
@@ -252,10 +254,11 @@ class AMFOR(nn.Module):
             part["teacher"], part["teacher_foreground"] = t[:, :-1], t[:, -1]
         return g, part
 
-    def embed(self, images: torch.Tensor, camids: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, images: torch.Tensor, camids: torch.Tensor | None, index: torch.Tensor | None,
+              patches: torch.Tensor | None = None) -> torch.Tensor:
         """x_0 [B, 1 + N', D]: CLS + (kept) patch tokens with their position embedding, + camera embedding."""
         vit = self.backbone
-        patches = vit.patch_tokens(images)
+        patches = vit.patch_tokens(images) if patches is None else patches
         pos = vit.pos_embed[0]
         if index is None:
             tokens = patches + pos[1:]
@@ -313,15 +316,17 @@ class AMFOR(nn.Module):
 
     # -- masked view (HPR patch level) ----------------------------------------------------------------------------
     def forward_masked_view(self, images: torch.Tensor, camids: torch.Tensor | None, occlusion: torch.Tensor | None,
-                            text_keys: torch.Tensor | None) -> torch.Tensor:
-        """Encoder on the kept patches only, MAE decoder on the full grid; the per-patch normalised pixel loss."""
+                            text_keys: torch.Tensor | None, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder on the kept patches only, MAE decoder on the full grid; the per-patch normalised pixel loss.
+        patches: the full view's patch embedding [B, N, D] (the same convolution of the same images: computed
+        once for both views), or None to compute it here."""
         vit = self.backbone
         B, N = images.shape[0], vit.num_patches
         occluded = None
         if occlusion is not None:
             occluded = patch_occlusion(occlusion, vit.patch_size, vit.stride).flatten(1)
         index, _, target = choose_masked_patches(occluded, B, N, self.mask_ratio, device=images.device)
-        latent = self.forward_encoder(images, camids, text_keys, index, fusion=self.hpr_fusion)
+        latent = self.forward_encoder(images, camids, text_keys, index, fusion=self.hpr_fusion, patches=patches)
         pred = self.patch_decoder(latent, index)
         pixels = patchify(images, vit.patch_size, vit.stride)
         return patch_reconstruction_loss(pred, pixels, target)
@@ -402,14 +407,15 @@ class AMFOR(nn.Module):
                       ) -> dict[str, torch.Tensor]:
         self._check_batch(images, pids, masks, occlusion)
         text_keys = self.text_keys()
-        M = self.forward_encoder(images, camids, text_keys)
+        patches = self.backbone.patch_tokens(images)  # [B, N, D], shared by the full and the masked view
+        M = self.forward_encoder(images, camids, text_keys, patches=patches)
         G = self.forward_global(M)
         part = self.forward_parts(M, G, self.switches["teacher_student"]) if self.switches["parts"] else None
         targets = self.token_targets(masks) if part is not None else None
         g, part = self.center(G[:, 0], part, camids)
         losses = self.forward_losses(g, pids, part, targets)
         if self.switches["hpr"]:
-            losses["reconstruction"] = self.forward_masked_view(images, camids, occlusion, text_keys)
+            losses["reconstruction"] = self.forward_masked_view(images, camids, occlusion, text_keys, patches)
         out = {"loss": sum(self.loss_weights[k] * v for k, v in losses.items())}
         out.update({f"loss_{k}": v for k, v in losses.items()})
         if self.fusion is not None:
