@@ -95,3 +95,28 @@ def device_ms(fn: Callable[[], object], device: str) -> float:
 
     fn()
     return min(timeit.repeat(fn, number=5, repeat=5)) / 5 * 1e3
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak memory of one fn() call above what was live before it, in bytes.
+
+    CUDA: the caching allocator's peak (torch.cuda.max_memory_allocated after a reset). CPU: the profiler's record
+    of every CPU allocation and free during the call (each event's own allocations, frees as "[memory]" events),
+    summed in time order; the peak of that running total.
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return int(peak)

@@ -8,6 +8,12 @@ GPU: `amfor_vit_base_patch16` at 256x128, batch 64, bf16 autocast. A step is for
 - `test_full_vs_baseline`: both configurations interleaved in one run (same machine state), the ratio of their
   images/s (target: full >= 0.6x baseline), the marginal cost of each component (the full step minus the step
   without it) and the profiler's forward split by model stage. Run with `-s` to see the table.
+- `test_end_to_end[<mode>-<config>-<provider>]`: images/s and peak memory of the training step (`train`) and of
+  inference (`inference`: eval-mode forward, no grad, batch 128) with the reference ops (`reference`: backend
+  torch), the fused ops (`fused`: backend auto, the kernels auto picks on this device) and the fused ops with the
+  model under `torch.compile` (`fused_compiled`; compilation is warm-up, never timed). Peak memory: the CUDA
+  allocator's peak on a GPU, the profiler's peak of live CPU allocations on the CPU (bytes allocated during the
+  step above what was live before it).
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ import time
 
 import pytest
 import torch
+from torch._inductor import config as inductor_config
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import amfor
 from amfor.ops import available_backends, use_backend
-from benchmarks.common import check_close, measure
+from benchmarks.common import check_close, measure, peak_memory_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAME = "amfor_vit_base_patch16" if DEVICE == "cuda" else "amfor_vit_tiny_patch16"
@@ -46,20 +53,26 @@ def make_batch(size: tuple[int, int]) -> dict[str, torch.Tensor]:
 
 
 class Step:
-    """One training step of a model built with `switches`: forward, backward, SGD update."""
+    """One training step of a model built with `switches`: forward, backward, SGD update. `compiled`: the model's
+    forward under torch.compile (the optimiser stays eager)."""
 
-    def __init__(self, **switches) -> None:
+    def __init__(self, compiled: bool = False, **switches) -> None:
         torch.manual_seed(0)
         self.model = amfor.create_model(NAME, CLASSES, CAMERAS, **switches).to(DEVICE)
         self.model.finish_stage1()
         self.model.train()
+        self.forward = torch.compile(self.model) if compiled else self.model
         self.opt = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
         self.batch = make_batch(self.model.input_size)
 
-    def losses(self) -> dict[str, torch.Tensor]:
+    def losses(self, eager: bool = False) -> dict[str, torch.Tensor]:
+        """The loss dict of the step's batch (`eager`: the uncompiled model)."""
         b = self.batch
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
-            return self.model(b["img"], b["pid"], b["camid"], b["mask"], b["occlusion"])
+            return (self.model if eager else self.forward)(b["img"], b["pid"], b["camid"], b["mask"], b["occlusion"])
+
+    def outputs(self, eager: bool = False) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.losses(eager).items() if k.startswith("loss")}
 
     def __call__(self) -> None:
         out = self.losses()
@@ -149,3 +162,62 @@ def test_full_vs_baseline(benchmark):
         print(f"  {k:16s} costs {ms:7.1f} ms of the {seconds['full'] * 1e3:.1f} ms step")
     for k, ms in split.items():
         print(f"  forward {k:20s} {ms:7.1f} ms")
+
+
+# -- end to end: reference ops vs fused ops vs fused ops + torch.compile, training and inference ----------------------
+PROVIDERS = {"reference": ("torch", False), "fused": ("auto", False), "fused_compiled": ("auto", True)}
+# compiled code draws its random numbers (teacher masks, masking noise, drop-path) from the eager generator, so
+# that the compiled model's losses can be checked against the eager reference's
+inductor_config.fallback_random = True
+INFER_BATCH = 128  # the evaluation loaders' batch (test.batch_size of the configs)
+
+
+class Inference:
+    """Eval-mode forward of a model built with `switches` on a test batch, no grad (features + visibility)."""
+
+    def __init__(self, compiled: bool = False, **switches) -> None:
+        torch.manual_seed(0)
+        model = amfor.create_model(NAME, CLASSES, CAMERAS, **switches).to(DEVICE)
+        model.finish_stage1()
+        self.model = model.eval()
+        self.forward = torch.compile(model) if compiled else model
+        g = torch.Generator().manual_seed(1)
+        self.img = torch.randn(INFER_BATCH, 3, *model.input_size, generator=g).to(DEVICE)
+        self.camid = torch.randint(0, CAMERAS, (INFER_BATCH,), generator=g).to(DEVICE)
+
+    def outputs(self, eager: bool = False) -> dict[str, torch.Tensor]:
+        """Features and visibility of the test batch (`eager`: the uncompiled model)."""
+        with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
+            return (self.model if eager else self.forward)(self.img, self.camid)
+
+    def __call__(self) -> None:
+        self.outputs()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+
+def check_provider(runner, backend: str) -> None:
+    """The provider's losses (train) or features (inference) against the eager reference ops', before timing."""
+    results = {}
+    for name, ops, eager in (("reference", "torch", True), ("provider", backend, False)):
+        torch.manual_seed(0)
+        with use_backend(ops), torch.no_grad():
+            results[name] = {k: v.float() for k, v in runner.outputs(eager).items()}
+    for k, ref in results["reference"].items():
+        check_close(results["provider"][k], ref, k, tol=3e-2 if DEVICE == "cuda" else 1e-4)
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("mode", ["train", "inference"])
+def test_end_to_end(benchmark, mode, config, provider):
+    backend, compiled = PROVIDERS[provider]
+    runner = (Step if mode == "train" else Inference)(compiled=compiled, **CONFIGS[config])
+    batch = BATCH if mode == "train" else INFER_BATCH
+    check_provider(runner, backend)  # before any update: the reference and the provider see the same weights
+    with use_backend(backend):
+        runner()  # warm-up: compilation for training mode, allocator
+        ms = measure(benchmark, runner, DEVICE, rounds=5 if DEVICE == "cpu" else 20, model=NAME, config=config,
+                     provider=provider, mode=mode, batch=batch)
+        peak = peak_memory_bytes(runner, DEVICE)
+    benchmark.extra_info.update(images_per_s=batch / (ms * 1e-3), peak_memory_bytes=peak)

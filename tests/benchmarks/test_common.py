@@ -1,0 +1,29 @@
+"""benchmarks/common.py: the CPU peak-memory measure against allocations of known size."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.common import peak_memory_bytes
+
+MB = 1000 * 1000
+
+
+def test_cpu_peak_memory_follows_allocations_and_frees():
+    def fn():
+        a = torch.empty(MB // 4)  # 1 MB live
+        b = torch.empty(2 * MB // 4)  # 3 MB live
+        del a, b  # 0 live
+        c = torch.empty(5 * MB // 4)  # 5 MB live: the peak
+        return c.numel()
+
+    peak = peak_memory_bytes(fn, "cpu")
+    assert 5 * MB <= peak < 5 * MB + 4096  # the freed 3 MB are not counted twice
+
+
+def test_cpu_peak_memory_counts_what_is_live_together():
+    def fn():
+        keep = [torch.empty(MB // 4) for _ in range(4)]  # 4 x 1 MB live at once
+        return len(keep)
+
+    assert 4 * MB <= peak_memory_bytes(fn, "cpu") < 4 * MB + 4096
