@@ -35,9 +35,10 @@ REFERENCE = "reference"  # benchmarks.common.REFERENCE (not imported: that modul
 MODES = ("forward", "backward", "full")
 SIZE_KEYS = ("B", "G", "Q", "L", "N", "K", "C", "D", "H")  # extra_info keys that describe a problem size
 OP_OF_TEST = {"test_query_fusion_op": "query_fusion", "test_query_fusion_module": "query_fusion_module"}
-# end-to-end steps: test -> (plot name, the key that names the configuration, the provider key, its reference)
-STEPS = {"test_training_step": ("model_step", "config", "backend", "torch"),
-         "test_dropin_training_step": ("dropin_step", "case", "provider", REFERENCE)}
+# end-to-end steps: test -> (plot name, the keys that name the configuration, the provider key, its reference)
+STEPS = {"test_training_step": ("model_step", ("config",), "backend", "torch"),
+         "test_dropin_training_step": ("dropin_step", ("case",), "provider", REFERENCE),
+         "test_end_to_end": ("end_to_end", ("mode", "config"), "provider", REFERENCE)}
 INTERLEAVED = "test_full_vs_baseline"  # test_model.py: every configuration in one run, best of N rounds
 # ops whose benchmark records no bytes: what one call processes, and its unit
 ITEMS = {"query_fusion_module": ("tokens/s", lambda info: info["B"] * info["L"] * info["N"])}
@@ -200,11 +201,12 @@ def normalise(pairs: list[tuple[Run, dict]]) -> tuple[list[Result], list[tuple[R
 def _result(test: str, run: Run, row: dict) -> Result:
     info, median = row["info"], float(row["median_ms"])
     if test in STEPS:
-        op, size_key, provider_key, _ = STEPS[test]
+        op, size_keys, provider_key, _ = STEPS[test]
         ips = info.get("images_per_s")
         ips = ips if isinstance(ips, (int, float)) else info.get("batch", 1) / (median * 1e-3)
-        return Result(op, "step", str(info.get(size_key, "-")), str(info.get(provider_key, "-")), median, ips,
-                      "images/s", "", run.machine, {}, info)
+        size = " ".join(str(info.get(k, "-")) for k in size_keys)
+        return Result(op, "step", size, str(info.get(provider_key, "-")), median, ips, "images/s", "", run.machine,
+                      {}, info)
     op = info.get("op") or OP_OF_TEST.get(test) or test.removeprefix("test_")
     provider = str(info.get("provider") or info.get("backend") or "-")
     provider += f" ({info['path']})" if info.get("path") else ""
@@ -354,7 +356,9 @@ def plot_steps(name: str, rows: list[Result], interleaved: list[tuple[Run, dict]
     ax.grid(alpha=0.3, axis="y")
     if interleaved:
         _plot_interleaved(axes[1], interleaved)
-    fig.suptitle(f"{name}: end-to-end training step (forward + backward + update)\n" + "\n".join(captions), fontsize=9)
+    what = ("training step (forward + backward + update) and inference (no grad)" if name == "end_to_end" else
+            "end-to-end training step (forward + backward + update)")
+    fig.suptitle(f"{name}: {what}\n" + "\n".join(captions), fontsize=9)
     fig.savefig(path, dpi=110)
 
 
@@ -402,17 +406,22 @@ def _number(value: float) -> str:
 
 
 def table(results: list[Result]) -> str:
-    """The Markdown table: op, mode, size, provider, median ms, throughput, speed-up vs the reference."""
+    """The Markdown table: op, mode, size, provider, median ms, throughput, speed-up vs the reference (and peak
+    memory when a benchmark recorded it)."""
     ups = speedups(results)
     machine = len({r.machine for r in results}) > 1  # a machine column only when the files come from several
+    memory = any(isinstance(r.info.get("peak_memory_bytes"), (int, float)) for r in results)
     head = ["op", "mode", "size"] + ["machine"] * machine + ["provider", "median ms", "throughput",
-                                                             "speed-up vs reference"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * (len(head) - 3) + "---:|" * 3]
+                                                             "speed-up vs reference"] + ["peak MiB"] * memory
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * (len(head) - 3 - memory) + "---:|" * (3 + memory)]
     for r in _table_order(results):
         size = f"{r.size} {r.dtype}".strip() if len({x.dtype for x in results if x.op == r.op}) > 1 else r.size
         up = f"{ups[id(r)]:.2f}x" if id(r) in ups else "-"
         cells = [r.op, r.mode, size] + [r.machine] * machine + [r.provider, f"{r.median_ms:.4g}",
                                                                  f"{_number(r.throughput)} {r.unit}", up]
+        if memory:
+            peak = r.info.get("peak_memory_bytes")
+            cells.append(f"{peak / 2**20:,.0f}" if isinstance(peak, (int, float)) else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

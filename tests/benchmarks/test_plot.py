@@ -120,3 +120,26 @@ def test_bad_inputs_exit_2_naming_the_file(tmp_path, capsys, content, message):
     err = capsys.readouterr().err
     assert str(path) in err and message in err
     assert not (tmp_path / "plots").exists()
+
+
+def test_end_to_end_rows_by_mode_and_configuration_with_peak_memory(tmp_path):
+    """test_model.py's test_end_to_end: one bar group per (mode, configuration), speed-ups against the reference
+    ops of the same group, peak memory in its own column."""
+    benches = []
+    for mode, batch in (("train", 64), ("inference", 128)):
+        for provider, ms, peak in (("reference", 400.0, 300 * 2**20), ("fused", 320.0, 250 * 2**20),
+                                   ("fused_compiled", 200.0, 200 * 2**20)):
+            benches.append(_bench(f"test_end_to_end[{mode}-full-{provider}]",
+                                  {"model": "tiny", "config": "full", "provider": provider, "mode": mode,
+                                   "batch": batch, "median_ms": ms, "images_per_s": batch / (ms * 1e-3),
+                                   "peak_memory_bytes": peak}, ms))
+    src = tmp_path / "e2e.json"
+    src.write_text(json.dumps({"machine_info": {"cpu": {"brand_raw": "Test CPU", "count": 2}}, "benchmarks": benches,
+                               "datetime": "2026-01-02T03:04:05+00:00"}))
+    out = tmp_path / "plots"
+    assert plot.main([str(src), "--out", str(out)]) == 0
+    assert (out / "end_to_end.png").read_bytes()[:8] == PNG_MAGIC
+    text = (out / "results.md").read_text()
+    assert "peak MiB" in text
+    assert "| end_to_end | step | train full | fused_compiled | 200 | 320 images/s | 2.00x | 200 |" in text
+    assert "| end_to_end | step | inference full | fused | 320 | 400 images/s | 1.25x | 250 |" in text
