@@ -34,9 +34,7 @@ COMBOS = list(valid_switches())
 
 
 def expected_terms(s):
-    terms = {"id", "triplet"}
-    if s["text"]:
-        terms.add("i2t")
+    terms = {"id", "triplet"}  # i2t is weighted 0 by default: not computed
     if s["parts"]:
         terms |= {"visibility", "triplet_parts", "diversity", "id_foreground", "parsing", "id_parts", "id_granularity"}
     if s["amgd"]:
@@ -78,6 +76,23 @@ def test_total_is_the_weighted_sum_of_the_terms(batch, small):
     total = sum(model.loss_weights[k[5:]] * v for k, v in out.items() if k.startswith("loss_"))
     torch.testing.assert_close(out["loss"], total)
     assert model.loss_weights["id"] == 2.0 and model.loss_weights["triplet"] == 1.0
+
+
+def test_stage2_i2t_loss_is_off_by_default_and_a_loss_weight_turns_it_on(batch, small):
+    """CLIP-ReID's stage-2 image-to-text loss is not in the spec: weighted 0 (not computed) unless asked for. After
+    stage 1 the bank and everything that built it (prompts, text_to_visual) are frozen either way."""
+    default = small.model()
+    assert "loss_i2t" not in train_step(default, batch)
+    assert not any(p.requires_grad for p in default.stage1_parameters())
+    model = small.model(loss_weights={"i2t": 1.0})
+    out = train_step(model, batch)
+    assert torch.isfinite(out["loss_i2t"]) and out["loss_i2t"] > 0
+    g = model.backbone.cls_token.grad
+    model.zero_grad(set_to_none=True)
+    without = small.model(loss_weights={"i2t": 1.0})
+    without.loss_weights["i2t"] = 0.0
+    train_step(without, batch)
+    assert not torch.equal(g, without.backbone.cls_token.grad)  # the term reaches the encoder
 
 
 @pytest.mark.parametrize("hpr_fusion", [False, True])
