@@ -88,7 +88,6 @@ def test_stage2_i2t_loss_is_off_by_default_and_a_loss_weight_turns_it_on(batch, 
     out = train_step(model, batch)
     assert torch.isfinite(out["loss_i2t"]) and out["loss_i2t"] > 0
     g = model.backbone.cls_token.grad
-    model.zero_grad(set_to_none=True)
     without = small.model(loss_weights={"i2t": 1.0})
     without.loss_weights["i2t"] = 0.0
     train_step(without, batch)
