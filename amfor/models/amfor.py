@@ -83,8 +83,8 @@ class AMFOR(nn.Module):
                  flip_pairs: Sequence[tuple[int, int]] = FLIP_PAIRS, amgd_temperature: float = 4.0,
                  parsing_targets: str = "soft", visible_area: float = 0.25,
                  # HPR
-                 mask_ratio: float = 0.75, hpr_fusion: bool = False, hpr_dim: int = 512, hpr_depth: int = 1,
-                 hpr_heads: int = 8,
+                 mask_ratio: float = 0.75, hpr_fusion: bool = False, hpr_fraction: float = 1.0, hpr_dim: int = 512,
+                 hpr_depth: int = 1, hpr_heads: int = 8,
                  recon_dim: int = 512, recon_depth: int = 3, recon_heads: int = 8, recon_hide_prob: float = 0.25,
                  # losses
                  loss_weights: Mapping[str, float] | None = None, triplet_margin: float | None = None,
@@ -99,6 +99,10 @@ class AMFOR(nn.Module):
             parsing_smoothing
         self.text_bank_mode, self.text_scale = text_bank, 1.0 / text_temperature
         self.mask_ratio, self.hpr_fusion, self.recon_hide_prob = mask_ratio, hpr_fusion, recon_hide_prob
+        if not 0 < hpr_fraction <= 1:
+            raise ValueError(f"hpr_fraction must be in (0, 1] (the share of the batch given a masked view), got "
+                             f"{hpr_fraction}")
+        self.hpr_fraction = float(hpr_fraction)
         self.flip_pairs = tuple(tuple(p) for p in flip_pairs)  # feature indices of [global, P parts] = part labels
         if parsing_targets not in ("soft", "hard"):
             raise ValueError(f"parsing_targets must be 'soft' or 'hard', got {parsing_targets!r}")
@@ -318,12 +322,26 @@ class AMFOR(nn.Module):
         return F.one_hot(labels.clamp(min=0), C).float() * (labels >= 0)[..., None]
 
     # -- masked view (HPR patch level) ----------------------------------------------------------------------------
+    def masked_view_rows(self, batch: int, device=None) -> torch.Tensor | None:
+        """Which images get a masked view: all (None) at `hpr_fraction=1`, else n = max(1, round(fraction B)) rows
+        spread evenly over the batch ([B/n] apart: with a PK batch of K images per identity and fraction 1/K, one
+        image of every identity)."""
+        n = max(1, round(batch * self.hpr_fraction))
+        if n >= batch:
+            return None
+        return torch.arange(n, device=device) * batch // n
+
     def forward_masked_view(self, images: torch.Tensor, camids: torch.Tensor | None, occlusion: torch.Tensor | None,
                             text_keys: torch.Tensor | None, patches: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder on the kept patches only, MAE decoder on the full grid; the per-patch normalised pixel loss.
         patches: the full view's patch embedding [B, N, D] (the same convolution of the same images: computed
-        once for both views), or None to compute it here."""
+        once for both views), or None to compute it here. With `hpr_fraction < 1` only the rows of
+        `masked_view_rows` take part."""
         vit = self.backbone
+        rows = self.masked_view_rows(images.shape[0], images.device)
+        if rows is not None:
+            images, camids, occlusion, patches = (None if t is None else t[rows]
+                                                  for t in (images, camids, occlusion, patches))
         B, N = images.shape[0], vit.num_patches
         occluded = None
         if occlusion is not None:

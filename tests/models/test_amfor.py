@@ -103,6 +103,29 @@ def test_the_masked_view_runs_with_or_without_the_fusion_points(hpr_fusion, batc
     assert torch.isfinite(out["loss_reconstruction"]) and len(calls) == 2 * (1 + hpr_fusion)  # 2 fusion points
 
 
+def test_hpr_fraction_gives_a_masked_view_to_an_even_share_of_the_batch(batch, small):
+    model = small.model(hpr_fraction=0.5)
+    assert model.masked_view_rows(4).tolist() == [0, 2]
+    model.hpr_fraction = 0.25
+    assert model.masked_view_rows(64).tolist() == list(range(0, 64, 4))  # one image of each PK identity (K = 4)
+    model.hpr_fraction = 0.5
+    sizes = []
+    model.patch_decoder.register_forward_hook(lambda mod, args, out: sizes.append(out.shape[0]))
+    keys = model.text_keys()
+    torch.manual_seed(1)
+    part = model.forward_masked_view(batch["img"], batch["camid"], batch["occlusion"], keys)
+    model.hpr_fraction = 1.0
+    rows = [0, 2]
+    torch.manual_seed(1)
+    whole = model.forward_masked_view(batch["img"][rows], batch["camid"][rows], batch["occlusion"][rows], keys)
+    assert sizes == [2, 2] and torch.equal(part, whole)  # the same loss as the sub-batch given a masked view
+    model.hpr_fraction = 0.5
+    out = train_step(model, batch)  # in the step: finite and still training the patch decoder
+    assert torch.isfinite(out["loss_reconstruction"]) and model.patch_decoder.pred.weight.grad is not None
+    with pytest.raises(ValueError, match="hpr_fraction must be in"):
+        small.model(hpr_fraction=0.0)
+
+
 def test_unknown_loss_weight_and_bad_switches(small):
     with pytest.raises(ValueError, match="unknown loss weight 'idd'"):
         small.model(loss_weights={"idd": 1.0})
