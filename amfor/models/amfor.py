@@ -52,6 +52,9 @@ LOSS_WEIGHTS = {  # SPEC-AMFOR section 6: every term weighted 1.0
     "id_parts": 1.0, "id_granularity": 1.0, "id_foreground": 1.0, "triplet_parts": 1.0, "parsing": 1.0,
     "visibility": 1.0, "diversity": 1.0, "amgd": 1.0, "id_recon": 1.0, "part_reconstruction": 1.0,
     "reconstruction": 1.0,
+    # masked_consistency: the masked view's global feature pulled to the full view's (cosine), an AMFOR-project
+    # addition to the HPR patch level, off by default (docs/model.md, "HPR-Decoder, patch level").
+    "masked_consistency": 0.0,
 }
 SWITCHES = ("amff", "text", "parts", "teacher_student", "amgd", "hpr", "part_recon")
 
@@ -332,16 +335,20 @@ class AMFOR(nn.Module):
         return torch.arange(n, device=device) * batch // n
 
     def forward_masked_view(self, images: torch.Tensor, camids: torch.Tensor | None, occlusion: torch.Tensor | None,
-                            text_keys: torch.Tensor | None, patches: torch.Tensor | None = None) -> torch.Tensor:
-        """Encoder on the kept patches only, MAE decoder on the full grid; the per-patch normalised pixel loss.
+                            text_keys: torch.Tensor | None, patches: torch.Tensor | None = None,
+                            g: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Encoder on the kept patches only, MAE decoder on the full grid: {"reconstruction": the per-patch
+        normalised pixel loss}, and with a `masked_consistency` weight and the full view's (centred) global feature
+        g [B, D], {"masked_consistency": 1 - cos(masked view's g, g.detach())}.
+
         patches: the full view's patch embedding [B, N, D] (the same convolution of the same images: computed
         once for both views), or None to compute it here. With `hpr_fraction < 1` only the rows of
         `masked_view_rows` take part."""
         vit = self.backbone
         rows = self.masked_view_rows(images.shape[0], images.device)
         if rows is not None:
-            images, camids, occlusion, patches = (None if t is None else t[rows]
-                                                  for t in (images, camids, occlusion, patches))
+            images, camids, occlusion, patches, g = (None if t is None else t[rows]
+                                                     for t in (images, camids, occlusion, patches, g))
         B, N = images.shape[0], vit.num_patches
         occluded = None
         if occlusion is not None:
@@ -350,7 +357,13 @@ class AMFOR(nn.Module):
         latent = self.forward_encoder(images, camids, text_keys, index, fusion=self.hpr_fusion, patches=patches)
         pred = self.patch_decoder(latent, index)
         pixels = patchify(images, vit.patch_size, vit.stride)
-        return patch_reconstruction_loss(pred, pixels, target)
+        losses = {"reconstruction": patch_reconstruction_loss(pred, pixels, target)}
+        if g is not None and self.loss_weights["masked_consistency"] != 0:
+            g_masked = self.forward_global(latent)[:, 0]
+            if self.camera_centering is not None:  # the global slot's running means, read only
+                g_masked = self.camera_centering(g_masked[:, None], camids, slots=slice(0, 1), check=False)[:, 0]
+            losses["masked_consistency"] = 1 - F.cosine_similarity(g_masked.float(), g.detach().float(), -1).mean()
+        return losses
 
     # -- losses ----------------------------------------------------------------------------------------------------
     def forward_losses(self, g: torch.Tensor, pids: torch.Tensor, part: dict | None,
@@ -436,7 +449,7 @@ class AMFOR(nn.Module):
         g, part = self.center(G[:, 0], part, camids)
         losses = self.forward_losses(g, pids, part, targets)
         if self.switches["hpr"]:
-            losses["reconstruction"] = self.forward_masked_view(images, camids, occlusion, text_keys, patches)
+            losses.update(self.forward_masked_view(images, camids, occlusion, text_keys, patches, g))
         out = {"loss": sum(self.loss_weights[k] * v for k, v in losses.items())}
         out.update({f"loss_{k}": v for k, v in losses.items()})
         if self.fusion is not None:

@@ -118,12 +118,28 @@ def test_hpr_fraction_gives_a_masked_view_to_an_even_share_of_the_batch(batch, s
     rows = [0, 2]
     torch.manual_seed(1)
     whole = model.forward_masked_view(batch["img"][rows], batch["camid"][rows], batch["occlusion"][rows], keys)
-    assert sizes == [2, 2] and torch.equal(part, whole)  # the same loss as the sub-batch given a masked view
+    assert sizes == [2, 2]
+    assert torch.equal(part["reconstruction"], whole["reconstruction"])  # the sub-batch's own loss
     model.hpr_fraction = 0.5
     out = train_step(model, batch)  # in the step: finite and still training the patch decoder
     assert torch.isfinite(out["loss_reconstruction"]) and model.patch_decoder.pred.weight.grad is not None
     with pytest.raises(ValueError, match="hpr_fraction must be in"):
         small.model(hpr_fraction=0.0)
+
+
+@pytest.mark.parametrize("parts", [True, False])
+def test_masked_consistency_is_off_by_default_and_reads_the_camera_means_without_moving_them(parts, batch, small):
+    switches = dict(camera_centering=True) if parts else dict(camera_centering=True, parts=False, teacher_student=False,
+                                                              amgd=False, part_recon=False)
+    off = small.model(**switches)
+    torch.manual_seed(3)
+    assert "loss_masked_consistency" not in train_step(off, batch)
+    on = small.model(**switches, loss_weights={"masked_consistency": 1.0})
+    torch.manual_seed(3)
+    out = train_step(on, batch)
+    assert 0 <= out["loss_masked_consistency"].item() <= 2
+    assert torch.equal(on.camera_centering.running_mean, off.camera_centering.running_mean)  # the full view's only
+    assert not torch.equal(on.backbone.cls_token.grad, off.backbone.cls_token.grad)  # the term reaches the encoder
 
 
 def test_unknown_loss_weight_and_bad_switches(small):
