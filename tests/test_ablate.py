@@ -247,6 +247,33 @@ def test_variants_respect_the_switch_dependencies():
 
 
 # calibration ----------------------------------------------------------------------------------------------
+def test_every_variant_is_calibrated_back_to_back_before_the_first_run(tmp_path, monkeypatch):
+    calls = []
+
+    def calibrate(plan, variant):
+        calls.append(("calibrate", variant))
+        if variant == "+camera":
+            raise ablation.RunFailed("+camera: calibration failed")
+        return {"steps": 3, "source": "calibration"}
+
+    def run_one(plan, variant, seed, steps):
+        calls.append(("run", variant, seed, steps))
+        return {"variant": variant, "seed": seed, "occluded_mAP": 0.1, "whole_mAP": 0.2}
+
+    monkeypatch.setattr(ablation, "calibrate", calibrate)
+    monkeypatch.setattr(ablation, "run_one", run_one)
+    monkeypatch.setattr(ablation, "prepare_data", lambda plan: None)
+    plan = ablation.make_plan(tmp_path / "abl", only=["baseline", "+camera", "+parts"], seeds=2, budget_minutes=1)
+    failures = ablation.run_ablation(plan)
+    assert calls == [("calibrate", "baseline"), ("calibrate", "+camera"), ("calibrate", "+parts"),
+                     ("run", "baseline", 0, 3), ("run", "+parts", 0, 3), ("run", "baseline", 1, 3),
+                     ("run", "+parts", 1, 3)]
+    assert failures == ["+camera: calibration failed"]
+    calls.clear()
+    ablation.run_ablation(plan)  # stored budgets and finished runs: only the failed calibration is tried again
+    assert calls == [("calibrate", "+camera")]
+
+
 @pytest.mark.slow
 def test_calibration_fixes_a_step_count_that_every_seed_then_runs(tiny_root, tmp_path):
     out = tmp_path / "abl"

@@ -303,8 +303,8 @@ def _wait_for_budget(proc: subprocess.Popen, metrics: Path, poll_s: float = 0.25
 def calibrate(plan: Plan, variant: str) -> dict:
     """Fix `variant`'s stage-2 step count on this machine -> its budgets.json entry.
 
-    Seed 0 runs with `train.max_minutes` set and `train.max_steps=0`: the engine's BudgetHook times stage-2
-    steps 2..10 and one evaluation forward, counts what the run has spent since its process started (imports,
+    Seed 0 runs with `train.max_minutes` set and `train.max_steps=0`: the engine's BudgetHook times a window of
+    stage-2 steps and one evaluation forward, counts what the run has spent since its process started (imports,
     data, stage 1) and the evaluations still to come, and writes `max_steps` into the run's config.yaml and
     metrics.jsonl. The calibration run is stopped there and seed 0 is trained again with that `max_steps`, so
     that every result is, by construction, a `max_steps` run: what `python -m amfor.train --set ...
@@ -427,14 +427,20 @@ def run_ablation(plan: Plan, report: Path | None = None) -> list[str]:
     if plan.steps is None and any(v not in budgets["variants"] for v, _ in todo):
         prepare_data(plan)
     failures, broken = [], set()
+    if plan.steps is None:  # every variant's calibration first, back to back: the machine's speed drifts by the hour
+        for variant in dict.fromkeys(v for v, _ in todo):
+            try:
+                budget_of(plan, variant, budgets)
+            except RunFailed as exc:
+                broken.add(variant)  # none of its seeds can run
+                failures.append(str(exc))
+                logger.error("%s", exc)
     for variant, seed in todo:
         if variant in broken:
             continue
         try:
             done[(variant, seed)] = record = run_one(plan, variant, seed, budget_of(plan, variant, budgets))
         except RunFailed as exc:
-            if variant not in budgets["variants"]:
-                broken.add(variant)  # its calibration failed: none of its seeds can run
             failures.append(str(exc))
             logger.error("%s", exc)
             continue
