@@ -77,6 +77,7 @@ def test_two_variants_write_records_a_report_and_a_png(ablated):
         assert "train.max_steps=2 train.max_minutes=0" in r["command"]
         results = json.loads((ablated / r["variant"] / "seed0" / "results.json").read_text())
         assert r["occluded_mAP"] == results["query"]["mAP"] and r["whole_mAP"] == results["query_whole"]["mAP"]
+        assert r["occluded_mAP_rerank"] == results["query_rerank"]["mAP"]  # the default also re-ranks
     budgets = json.loads((ablated / "budgets.json").read_text())
     assert {v: e["steps"] for v, e in budgets["variants"].items()} == {"baseline": 2, "+parts": 2}
     assert budgets["variants"]["baseline"]["machine"]["cpu_count"] >= 1

@@ -387,6 +387,10 @@ def _epochs(run_dir: Path, steps: int) -> float | None:
     return steps / int(found[-1]) if found and int(found[-1]) > 0 else None
 
 
+RERANKED = (("occluded_mAP", "query", "mAP"), ("occluded_R1", "query", "R1"), ("whole_mAP", "query_whole", "mAP"),
+            ("whole_R1", "query_whole", "R1"))  # record field, split, metric of the re-ranked rows (when present)
+
+
 def make_record(plan: Plan, variant: str, seed: int, steps: int, wall_s: float | None, resumed: bool) -> dict:
     """The results.jsonl record of a finished run folder (results.json, metrics.jsonl, log.txt)."""
     run_dir = plan.run_dir(variant, seed)
@@ -398,6 +402,8 @@ def make_record(plan: Plan, variant: str, seed: int, steps: int, wall_s: float |
             "epochs": _epochs(run_dir, steps), "img_s": statistics.median(img_s) if img_s else None,
             "occluded_mAP": results["query"]["mAP"], "occluded_R1": results["query"]["R1"],
             "whole_mAP": results["query_whole"]["mAP"], "whole_R1": results["query_whole"]["R1"],
+            **{f"{name}_rerank": results[f"{split}_rerank"][m] for name, split, m in RERANKED
+               if f"{split}_rerank" in results},
             "val_mAP": max(val) if val else None, "wall_s": wall_s, "resumed": resumed,
             "checkpoint": results.get("checkpoint"), "run_dir": str(run_dir),
             "command": train_command(plan.train_args(variant, seed, steps)),

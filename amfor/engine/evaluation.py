@@ -7,6 +7,7 @@ Every rank extracts a contiguous share of each split; rank 0 gathers and compute
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,8 +79,9 @@ def _gather(chunks: list, n_total: int, device) -> torch.Tensor:
 
 
 def split_metrics(qf, gf, q_vis, g_vis, query: Sequence[ImageRecord], gallery: Sequence[ImageRecord], cfg_test,
-                  distance: str) -> tuple[dict, torch.Tensor | np.ndarray | None]:
-    """Market-1501 protocol metrics; returns (metrics, re-ranked distmat or None)."""
+                  distance: str, rerank: bool = False) -> tuple[dict, torch.Tensor | np.ndarray | None]:
+    """Market-1501 protocol metrics, k-reciprocal re-ranked (cfg_test.k1, k2, lambda_value) if `rerank`;
+    returns (metrics, re-ranked distmat or None)."""
     q_pids = [r.pid for r in query]
     g_pids = [r.pid for r in gallery]
     q_cams = [r.camid for r in query]
@@ -87,7 +89,7 @@ def split_metrics(qf, gf, q_vis, g_vis, query: Sequence[ImageRecord], gallery: S
     if distance == "global":
         qf, gf, q_vis, g_vis = qf[:, 0] if qf.dim() == 3 else qf, gf[:, 0] if gf.dim() == 3 else gf, None, None
     distmat = None
-    if cfg_test.rerank:
+    if rerank:
         distmat = re_ranking(qf, gf, cfg_test.k1, cfg_test.k2, cfg_test.lambda_value, q_vis=q_vis, g_vis=g_vis)
         res = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams)
     else:
@@ -100,8 +102,11 @@ def split_metrics(qf, gf, q_vis, g_vis, query: Sequence[ImageRecord], gallery: S
 
 
 def evaluate(model, data: ReIDData, pairs, cfg, device, size, out_dir: Path | None = None, amp_dtype=None,
-             num_workers: int = 1) -> dict[str, dict]:
-    """{label: metrics} for each (label, query split, gallery split) in `pairs` present in `data`.
+             num_workers: int = 1, rerank: bool = True) -> dict[str, dict]:
+    """{label: metrics} for each (label, query split, gallery split) in `pairs` present in `data`, and with
+    `cfg.test.rerank` (and `rerank`) the k-reciprocal re-ranked metrics too, as `<label>_rerank`: the plain
+    figures are always reported, re-ranking is a post-process on top (the validation hook passes rerank=False:
+    checkpoints are chosen by the plain mAP).
 
     Every rank must call it; the metrics are on rank 0 (other ranks get {}). With `out_dir`, rank 0 also
     writes ranked lists (`ranked_<label>.png`) and the CMC curves (`cmc.png`).
@@ -115,14 +120,15 @@ def evaluate(model, data: ReIDData, pairs, cfg, device, size, out_dir: Path | No
                               cfg.test.flip, global_only, amp_dtype)
     if not du.is_main():
         return {}
+    modes = [("", False)] + ([("_rerank", True)] if rerank and cfg.test.rerank else [])
     results = {}
-    for label, q, g in present:
+    for (label, q, g), (suffix, rr) in itertools.product(present, modes):
         qf, gf = cache[q], cache[g]
         metrics, distmat = split_metrics(qf["features"], gf["features"], qf["visibility"], gf["visibility"],
-                                         splits[q], splits[g], cfg.test, cfg.test.distance)
-        results[label] = metrics
+                                         splits[q], splits[g], cfg.test, cfg.test.distance, rerank=rr)
+        results[label + suffix] = metrics
         if out_dir is not None and cfg.test.num_ranked > 0:
-            _ranked_picture(qf, gf, distmat, splits[q], splits[g], cfg.test, out_dir / f"ranked_{label}.png")
+            _ranked_picture(qf, gf, distmat, splits[q], splits[g], cfg.test, out_dir / f"ranked_{label}{suffix}.png")
     if out_dir is not None and results:
         plot_cmc({k: np.asarray(v["cmc"]) for k, v in results.items()}, out_dir / "cmc.png")
     return results
@@ -147,8 +153,8 @@ def _ranked_picture(qf: dict, gf: dict, distmat, query, gallery, cfg_test, path:
 
 def format_table(results: dict[str, dict], title: str = "") -> str:
     """The results as a text table in percent: split | mAP | R1 | R5 | R10 | mINP."""
-    head = f"{'split':<14}| {'mAP':>6} | {'R1':>6} | {'R5':>6} | {'R10':>6} | {'mINP':>6}"
+    head = f"{'split':<20}| {'mAP':>6} | {'R1':>6} | {'R5':>6} | {'R10':>6} | {'mINP':>6}"
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for label, m in results.items():
-        lines.append(f"{label:<14}| " + " | ".join(f"{100 * m[k]:6.2f}" for k in ("mAP", "R1", "R5", "R10", "mINP")))
+        lines.append(f"{label:<20}| " + " | ".join(f"{100 * m[k]:6.2f}" for k in ("mAP", "R1", "R5", "R10", "mINP")))
     return "\n".join(lines)

@@ -270,7 +270,8 @@ class Run:
         hooks.append(LoggerHook(self.log, cfg.log_every, cfg.batch_size))
         if cfg.eval_every > 0 and "val_query" in self.data.extra:
             hooks.append(EvalHook(lambda: evaluate(self.model, self.data, VAL_PAIRS, self.cfg, self.device, self.size,
-                                                   amp_dtype=self.amp, num_workers=self.workers).get("val", {}),
+                                                   amp_dtype=self.amp, num_workers=self.workers,
+                                                   rerank=False).get("val", {}),
                                   cfg.eval_every, lambda m: self.save_best(trainer, m), self.log))
         hooks.append(CheckpointHook(lambda: self.save(trainer), cfg.checkpoint_every))
         trainer.register_hooks(hooks)

@@ -91,7 +91,7 @@ def test_a_run_writes_config_log_checkpoints_results_and_pictures(tiny_root, tmp
     out = tmp_path / "run"
     cfg = build_config(overrides=standin_overrides(tiny_root, **{"output": out, "test.num_ranked": 4}))
     results = train(cfg)
-    assert set(results) == {"query", "query_whole"}
+    assert set(results) == {"query", "query_whole", "query_rerank", "query_whole_rerank"}  # test.rerank: on
     for split in results.values():
         assert 0 <= split["mAP"] <= 1 and 0 <= split["R1"] <= split["R5"] <= split["R10"] <= 1
     names = {p.name for p in out.iterdir()}
