@@ -91,8 +91,8 @@ class TestConfig:
     distance: str = "part"              # part: AMFOR visibility-weighted part distance | global: global feature only
     flip: bool = False                  # average the features of the mirrored image
     rerank: bool = True                 # also report k-reciprocal re-ranked rows (<split>_rerank; the plain rows
-    #                                     always come first). On for the synthetic demo (+0.07 to +0.11 val mAP over
-    #                                     four checkpoints, docs/model.md "Evaluation"); off in the real-data configs
+    #                                     always come first). On for the synthetic demo (+0.07 to +0.11 val mAP on
+    #                                     three checkpoints, docs/model.md "Evaluation"); off in the real-data configs
     k1: int = 20
     k2: int = 6
     lambda_value: float = 0.3
