@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from amfor.engine.process import stop_group
 from benchmarks.targets import ceilings, verdicts, with_ratios
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,12 +109,7 @@ def run_pytest(args: list[str], timeout: float, env: dict | None = None) -> dict
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc, grace_s=20)
         log.seek(0)
         text = log.read()
     outcomes = re.findall(r"^(\S+::\S+) (" + "|".join(OUTCOMES) + r")\b", text, flags=re.M)

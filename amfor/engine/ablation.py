@@ -25,7 +25,6 @@ import platform
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 from ..config import ConfigError, build_config
 from ..models.amfor import SWITCHES
 from .checkpoint import CheckpointError, load_checkpoint
+from .process import stop_group
 
 logger = logging.getLogger("amfor.ablate")
 
@@ -248,18 +248,6 @@ def start_train(args: list[str], console: Path) -> subprocess.Popen:
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """End a run started by start_train (its process group) if it is still going."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def run_train(args: list[str], console: Path) -> tuple[int, float]:
     """One amfor.train process to its end -> (exit code, wall seconds); stopped too if this process is."""
     t = time.time()
@@ -267,7 +255,7 @@ def run_train(args: list[str], console: Path) -> tuple[int, float]:
     try:
         rc = proc.wait()
     finally:
-        stop(proc)
+        stop_group(proc)
     return rc, time.time() - t
 
 
@@ -319,7 +307,7 @@ def calibrate(plan: Plan, variant: str) -> dict:
     try:
         record = _wait_for_budget(proc, run_dir / "metrics.jsonl")
     finally:
-        stop(proc)
+        stop_group(proc)
     if record is None and proc.returncode != 0:
         raise _failure(f"{variant}: calibration", proc.returncode, console)
     if record is None:
