@@ -6,7 +6,8 @@ Variants (SPEC-AMFOR "Shapes"; parameter counts in docs/model.md):
 - `amfor_vit_small_patch16`: ViT-S/16 (width 384, 12 blocks, 6 heads) with a 6-layer, width-256 text tower.
 - `amfor_vit_tiny_patch16`: for CPU: 128x64 input, width 192, 6 blocks, a 2-layer width-128 text tower and
   small decoders, sized for the default synthetic demo on a laptop CPU; trained from scratch there, with camera
-  centring on (docs/model.md, "Cameras": chosen on the validation split).
+  centring on (docs/model.md, "Cameras") and the HPR masked view on a quarter of the batch (`hpr_fraction=0.25`,
+  docs/model.md "HPR-Decoder, patch level"), both chosen on the validation split.
 """
 
 from __future__ import annotations
@@ -72,5 +73,5 @@ def amfor_vit_tiny_patch16(num_classes: int, num_cameras: int = 0, **overrides) 
                     drop_path_rate=0.05, camera_centering=num_cameras > 0, text_width=128, text_heads=2, text_layers=2,
                     text_dim=128,
                     fusion_points=(1, 2, 4), part_heads=4, part_ffn_dim=768, hpr_dim=128, hpr_depth=1, hpr_heads=4,
-                    recon_dim=128, recon_depth=1, recon_heads=4)
+                    hpr_fraction=0.25, recon_dim=128, recon_depth=1, recon_heads=4)
     return _build(defaults, num_classes, num_cameras, overrides)
