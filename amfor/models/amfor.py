@@ -401,8 +401,9 @@ class AMFOR(nn.Module):
         # granularity weights: decoder CLS and foreground always, parts where visible
         gran_w = torch.cat([torch.ones(B, 1, device=vis.device), vis, torch.ones(B, 1, device=vis.device)], 1)
         id_parts, id_gran, gran = [], [], {}
-        for name, out, fg in passes:
-            id_parts.append(identity_loss(self.parts_neck(out[:, 2:].flatten(1))[1], pids, self.label_smoothing))
+        for name, out, fg in passes:  # the student's statistics alone are tracked: inference normalises its parts
+            logits = self.parts_neck(out[:, 2:].flatten(1), track=name == "student")[1]
+            id_parts.append(identity_loss(logits, pids, self.label_smoothing))
             feats = torch.cat([out[:, :1], out[:, 2:], fg[:, None]], dim=1)  # [B, P + 2, D]
             _, logits = self.granularity_necks(feats)  # [P + 2, B, C]
             ce = F.cross_entropy(logits.flatten(0, 1).float(), pids.repeat(P + 2), reduction="none").view(P + 2, B)
@@ -425,7 +426,8 @@ class AMFOR(nn.Module):
         drop = visible & (torch.rand(vis.shape, device=vis.device) < self.recon_hide_prob)
         rebuilt = self.part_reconstructor(part["foreground"], student, ~visible | drop)
         target = part.get("teacher", part["student"])[:, 2:].detach()
-        return {"id_recon": identity_loss(self.parts_neck(rebuilt.flatten(1))[1], pids, self.label_smoothing),
+        logits = self.parts_neck(rebuilt.flatten(1), track=False)[1]  # rebuilt parts: not what inference normalises
+        return {"id_recon": identity_loss(logits, pids, self.label_smoothing),
                 "part_reconstruction": feature_reconstruction_loss(rebuilt, target, drop.float())}
 
     # -- forward ---------------------------------------------------------------------------------------------------

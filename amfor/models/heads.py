@@ -7,6 +7,7 @@ BN output (L2-normalised): the BNNeck of "Bag of Tricks" (Luo et al.) as TransRe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -22,9 +23,18 @@ class BNNeck(nn.Module):
         self.classifier = nn.Linear(dim, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feat = self.bn(x)
+    def forward(self, x: torch.Tensor, track: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """track=False (training only): normalise with the batch's statistics but leave the running ones alone, for
+        an auxiliary input (a teacher pass, rebuilt parts) that shares the classifier but is not what inference
+        normalises: otherwise its statistics leak into the running ones inference uses."""
+        feat = self.bn(x) if track or not self.training else batch_norm_untracked(self.bn, x)
         return feat, self.classifier(feat)
+
+
+def batch_norm_untracked(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """`bn` in training mode (batch statistics, its affine weight and bias) without updating its running statistics
+    (and without SyncBatchNorm's cross-rank reduction: local batch statistics)."""
+    return F.batch_norm(x, None, None, bn.weight, bn.bias, training=True, momentum=0.0, eps=bn.eps)
 
 
 class PartNecks(nn.Module):

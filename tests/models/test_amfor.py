@@ -142,6 +142,26 @@ def test_masked_consistency_is_off_by_default_and_reads_the_camera_means_without
     assert not torch.equal(on.backbone.cls_token.grad, off.backbone.cls_token.grad)  # the term reaches the encoder
 
 
+def test_only_the_students_parts_move_the_running_statistics_inference_uses(batch, small):
+    """The teacher pass and the rebuilt parts share the parts' BNNeck classifier but not its running statistics."""
+    import copy
+
+    from amfor.models.heads import batch_norm_untracked
+
+    model = small.model()  # teacher-student and part reconstruction on
+    seen = []
+    model.parts_neck.bn.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+    train_step(model, batch)
+    assert len(seen) == 1  # the student's parts alone went through the tracking BN
+    expected = 0.1 * seen[0].mean(0)  # momentum 0.1 from zero
+    assert torch.allclose(model.parts_neck.bn.running_mean, expected, atol=1e-6)
+    bn = copy.deepcopy(model.parts_neck.bn).train()
+    x = torch.randn(5, bn.num_features)
+    before = bn.running_mean.clone()
+    assert torch.allclose(batch_norm_untracked(bn, x), bn(x), atol=1e-6)  # the same normalisation ...
+    assert not torch.equal(bn.running_mean, before)  # ... where the module's own call moves the statistics
+
+
 def test_unknown_loss_weight_and_bad_switches(small):
     with pytest.raises(ValueError, match="unknown loss weight 'idd'"):
         small.model(loss_weights={"idd": 1.0})
