@@ -215,6 +215,7 @@ def test_report_math_on_hand_made_records():
                record("full-hpr", 0, 0.395),  # 1 of 2 seeds
                record("full-amgd", 0, 0.39), record("full-amgd", 1, 0.41),
                record("full", 7, 0.99)]  # outside the planned seeds: ignored
+    records[0].update(occluded_mAP_rerank=0.30, val_mAP=0.5)  # newer records carry these; older ones lack them
     assert mean_std([0.2, 0.22, 0.24]) == (pytest.approx(0.22), pytest.approx(0.02))
     assert mean_std([0.5]) == (0.5, None) and mean_std([]) == (None, None)
     seeds = {"baseline": 3, "+parts": 2, "full": 3, "full-hpr": 2, "full-amgd": 2, "full-ts": 2}
@@ -235,7 +236,8 @@ def test_report_math_on_hand_made_records():
     assert "+8.50 vs baseline | yes |" in table["+parts"]
     assert "| 1/2 seeds |" in table["full-hpr"] and "| 39.50 |" in table["full-hpr"]
     assert "-0.50 vs full | n/a (< 2 seeds) |" in table["full-hpr"]
-    assert table["full-ts"].count("—") == 9 and "| 0/2 seeds | — |" in table["full-ts"]
+    assert table["full-ts"].count("—") == 11 and "| 0/2 seeds | — |" in table["full-ts"]
+    assert table["baseline"].endswith("| — | 30.00 | 0.500 |")  # re-ranked and val: from the one record with them
     assert delta(rows["full-amgd"], None)["delta"] is None and not math.isnan(amgd["spread"])
 
 

@@ -479,6 +479,7 @@ def status_lines(plan: Plan) -> list[str]:
 
 # --- the report: math ------------------------------------------------------------------------------------
 METRICS = ("occluded_mAP", "occluded_R1", "whole_mAP", "whole_R1")
+EXTRA_METRICS = ("occluded_mAP_rerank", "val_mAP")  # re-ranked (test.rerank) and the model-selection figure
 
 
 def mean_std(values: Iterable[float]) -> tuple[float | None, float | None]:
@@ -500,8 +501,8 @@ def variant_row(variant: str, records: list[dict], planned: int) -> dict:
     row = {"variant": variant, "done": len(recs), "planned": planned,
            "steps": sorted({r["steps"] for r in recs}), "img_s": _mean_of(recs, "img_s"),
            "epochs": _mean_of(recs, "epochs")}
-    for key in METRICS:
-        row[key], row[key + "_std"] = mean_std(r[key] for r in recs)
+    for key in METRICS + EXTRA_METRICS:  # the extra ones only where recorded (older records lack the re-ranked)
+        row[key], row[key + "_std"] = mean_std(r[key] for r in recs if r.get(key) is not None)
     return row
 
 
@@ -543,12 +544,14 @@ def _cell(value: float | None, fmt: str) -> str:
 def table_lines(rows: list[dict]) -> list[str]:
     """The Markdown table: one row per variant, percentages with 2 decimals, missing seeds shown as such."""
     head = ["variant", "seeds", "steps", "img/s", "epochs", "occluded mAP", "occluded R1", "whole-body mAP",
-            "whole-body R1", "Δ occluded mAP", "Δ > seed spread"]
+            "whole-body R1", "Δ occluded mAP", "Δ > seed spread", "occluded mAP re-ranked", "val mAP"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["variant"], f"{r['done']}/{r['planned']} seeds", "/".join(map(str, r["steps"])) or "—",
                  _cell(r["img_s"], ".1f"), _cell(r["epochs"], ".1f"),
-                 *(_pct(r[k], r[k + "_std"]) for k in METRICS), *_delta_cells(r)]
+                 *(_pct(r[k], r[k + "_std"]) for k in METRICS), *_delta_cells(r),
+                 _pct(r["occluded_mAP_rerank"], r["occluded_mAP_rerank_std"]),
+                 _cell(r["val_mAP"], ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
