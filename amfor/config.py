@@ -9,6 +9,7 @@ naming the closest valid key; values are type-checked; YAML is read with `yaml.s
 
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +46,18 @@ class DataConfig:
     test_batch_size: int = 128
 
 
+DEMO_SWITCHES = {"amff": False, "text": False, "amgd": False, "hpr": False, "part_recon": False}
+
+
 @dataclass
 class ModelConfig:
     name: str = "amfor_vit_tiny_patch16"  # a name from amfor.list_models(), or "package.module:factory"
     pretrained: str | None = None       # path of backbone weights (see README), None = random initialisation
-    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword overrides of create_model
+    # keyword overrides of create_model; a config naming another model starts from none. The default (the demo's):
+    # camera centring (the tiny variant's own default), the parts and the teacher-student decoder, with AMFF, text,
+    # AMGD and the HPR-Decoder off: the configuration that won on the validation split at the demo's budget
+    # (docs/ablation.md). `--set model.kwargs.amff=true ...` switches components back on.
+    kwargs: dict[str, Any] = field(default_factory=lambda: dict(DEMO_SWITCHES))
 
 
 @dataclass
@@ -152,8 +160,17 @@ def _check_keys(tree: dict, source: str) -> None:
             raise ConfigError(f"{source}: unknown key '{key}'{_closest(key)}")
 
 
-def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
-    _check_keys(OmegaConf.to_container(other) if isinstance(other, DictConfig) else other, source)
+def _merge(base: DictConfig, other: Any, source: str, own_kwargs: bool = False) -> DictConfig:
+    """`other` over `base`. `model.kwargs` belong to the model they were written for: when `other` names another
+    `model.name` (or `own_kwargs`, for a checkpoint's complete config), it starts from no kwargs rather than
+    inheriting those of the default model (e.g. the demo's switches)."""
+    tree = OmegaConf.to_container(other) if isinstance(other, DictConfig) else other
+    _check_keys(tree, source)
+    model = tree.get("model") if isinstance(tree, dict) else None
+    name = model.get("name") if isinstance(model, dict) else None
+    if own_kwargs or (name is not None and name != base.model.name):
+        base = copy.deepcopy(base)
+        base.model.kwargs = {}
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as exc:
@@ -197,7 +214,7 @@ def build_config(path: str | Path | None = None, overrides: list[str] | None = N
     """Defaults, then `base` (e.g. a checkpoint's config), then the YAML file at `path`, then `overrides`."""
     cfg = OmegaConf.structured(Config)
     if base is not None:
-        cfg = _merge(cfg, base, "checkpoint config")
+        cfg = _merge(cfg, base, "checkpoint config", own_kwargs=True)
     if path is not None:
         cfg = _merge(cfg, load_yaml(path), str(path))
     if overrides:

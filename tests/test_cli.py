@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import amfor
+from amfor.config import DEMO_SWITCHES, build_config
 
 pytestmark = pytest.mark.slow
 
@@ -24,13 +25,15 @@ def run(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.Complete
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """python -m amfor.train on the tiny set: 1 stage-1 epoch, 2 stage-2 steps, validation, test."""
+    """python -m amfor.train on the tiny set with every component on (the demo's default leaves some off): 1
+    stage-1 epoch, 2 stage-2 steps, validation, test."""
     if not hasattr(amfor, "create_model"):
         pytest.skip("amfor.create_model is not there yet")
     work = tmp_path_factory.mktemp("cli")
     run(["amfor.train", "--data-root", str(work / "data"), "--output", str(work / "run"), "--device", "cpu", "--set",
          "data.size=tiny", "data.num_workers=1", "train.batch_size=8", "train.stage1_epochs=1", "train.max_steps=2",
-         "train.max_minutes=0", "train.eval_every=1", "train.log_every=1", "test.num_ranked=2"], work)
+         "train.max_minutes=0", "train.eval_every=1", "train.log_every=1", "test.num_ranked=2",
+         *[f"model.kwargs.{k}=true" for k in DEMO_SWITCHES]], work)
     return work / "run"
 
 
@@ -38,7 +41,9 @@ def test_train_writes_a_loadable_checkpoint_metrics_and_pictures(tiny_run):
     state = torch.load(tiny_run / "checkpoints" / "last.pt", weights_only=True)
     assert state["model_name"] == "amfor_vit_tiny_patch16" and state["stage1_finished"]
     assert (state["trainer"]["stage"], state["trainer"]["step"]) == (2, 2)
-    model = amfor.create_model("amfor_vit_tiny_patch16", state["num_classes"], num_cameras=state["num_cameras"])
+    kwargs = build_config(tiny_run / "config.yaml").model.kwargs  # the run's switches
+    model = amfor.create_model("amfor_vit_tiny_patch16", state["num_classes"], num_cameras=state["num_cameras"],
+                               **kwargs)
     model.finish_stage1()
     model.load_state_dict(state["model"])  # strict
     records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from amfor.config import Config, ConfigError, build_config, load_yaml, to_dict, valid_keys
+from amfor.config import DEMO_SWITCHES, Config, ConfigError, build_config, load_yaml, to_dict, valid_keys
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 BENCHMARKS = ["market1501", "dukemtmc", "occluded_duke", "occluded_reid", "p_dukemtmc", "msmt17"]
@@ -26,6 +26,20 @@ def test_required_keys_exist_with_their_types():
 def test_synthetic_yaml_is_the_embedded_default():
     """configs/synthetic.yaml spells out exactly the defaults `python -m amfor.train` runs with."""
     assert to_dict(build_config(CONFIGS / "synthetic.yaml")) == to_dict(build_config())
+
+
+def test_model_kwargs_belong_to_the_model_they_were_written_for(tmp_path):
+    """The demo's switches stay with the demo's model: a config or override naming another model (or a checkpoint's
+    complete config) starts from no kwargs, so the real-data configs get every component."""
+    assert dict(build_config().model.kwargs) == DEMO_SWITCHES
+    assert dict(build_config(overrides=["model.kwargs.amff=true"]).model.kwargs) == {**DEMO_SWITCHES, "amff": True}
+    assert dict(build_config(overrides=["model.name=amfor_vit_small_patch16"]).model.kwargs) == {}
+    assert dict(build_config(CONFIGS / "occluded_duke.yaml").model.kwargs) == {"clip_weights": "pretrained/ViT-B-16.pt"}
+    same = tmp_path / "same.yaml"
+    same.write_text("model:\n  name: amfor_vit_tiny_patch16\n  kwargs:\n    hpr: true\n")
+    assert dict(build_config(same).model.kwargs) == {**DEMO_SWITCHES, "hpr": True}  # the same model: merged
+    checkpoint = {"model": {"name": "amfor_vit_tiny_patch16", "kwargs": {"hpr_fraction": 0.5}}}
+    assert dict(build_config(base=checkpoint).model.kwargs) == {"hpr_fraction": 0.5}  # a run's own, complete
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
@@ -52,7 +66,7 @@ def test_precedence_defaults_file_overrides(tmp_path):
     path.write_text("train:\n  lr: 0.01\n  epochs: 7\nmodel:\n  kwargs: {depth: 2}\n")
     cfg = build_config(path, ["train.epochs=9", "model.kwargs.drop_path=0.1"])
     assert (cfg.train.lr, cfg.train.epochs, cfg.train.batch_size) == (0.01, 9, Config().train.batch_size)
-    assert dict(cfg.model.kwargs) == {"depth": 2, "drop_path": 0.1}
+    assert dict(cfg.model.kwargs) == {**DEMO_SWITCHES, "depth": 2, "drop_path": 0.1}  # merged into the demo's
 
 
 @pytest.mark.parametrize("override, message", [
