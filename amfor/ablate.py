@@ -8,8 +8,9 @@ occluded and whole-body queries, mean and spread over seeds, in a Markdown repor
     python -m amfor.ablate --report-only                    # rebuild docs/ablation.md from results.jsonl
     python -m amfor.ablate --steps 20 --set data.size=tiny  # a fixed step count for every variant, no calibration
 
-Each variant's step count is calibrated once on this machine (its first seed's run with train.max_minutes set,
-stopped once the trainer has fixed train.max_steps) and stored in <output>/budgets.json; every seed then runs
+Each variant's step count is calibrated once on this machine (a run with train.max_minutes set, stopped once the
+trainer has fixed train.max_steps; every planned variant first, back to back, before any seed trains) and stored
+in <output>/budgets.json; every seed then runs
 `python -m amfor.train ... train.max_steps=N train.max_minutes=0` (the command is in results.jsonl). Finished
 runs are never repeated and interrupted ones are resumed, so the same command continues an ablation.
 """
