@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,6 @@ from pathlib import Path
 
 import torch
 
-from amfor.engine.process import stop_group
 from benchmarks.targets import ceilings, verdicts, with_ratios
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,8 +108,13 @@ def run_pytest(args: list[str], timeout: float, env: dict | None = None) -> dict
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            timed_out = True
-            stop_group(proc, grace_s=20)
+            timed_out = True  # the group, as amfor.engine.process.stop_group does: not imported, since this report
+            os.killpg(proc.pid, signal.SIGTERM)  # must still run (and say why) when amfor itself fails to import
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         log.seek(0)
         text = log.read()
     outcomes = re.findall(r"^(\S+::\S+) (" + "|".join(OUTCOMES) + r")\b", text, flags=re.M)

@@ -345,6 +345,7 @@ class AMFOR(nn.Module):
         once for both views), or None to compute it here. With `hpr_fraction < 1` only the rows of
         `masked_view_rows` take part."""
         vit = self.backbone
+        g = g if self.loss_weights["masked_consistency"] != 0 else None  # no term: no need to gather it
         rows = self.masked_view_rows(images.shape[0], images.device)
         if rows is not None:
             images, camids, occlusion, patches, g = (None if t is None else t[rows]
@@ -358,7 +359,7 @@ class AMFOR(nn.Module):
         pred = self.patch_decoder(latent, index)
         pixels = patchify(images, vit.patch_size, vit.stride)
         losses = {"reconstruction": patch_reconstruction_loss(pred, pixels, target)}
-        if g is not None and self.loss_weights["masked_consistency"] != 0:
+        if g is not None:
             g_masked = self.forward_global(latent)[:, 0]
             if self.camera_centering is not None:  # the global slot's running means, read only
                 g_masked = self.camera_centering(g_masked[:, None], camids, slots=slice(0, 1), check=False)[:, 0]
