@@ -158,8 +158,7 @@ class Run:
             (self.run_dir / "config.yaml").write_text(C.to_yaml(self.cfg))
 
     def build(self) -> None:
-        self.data = build_data(self.cfg)
-        logger.info("%s", self.data.summary())
+        self.data = build_data(self.cfg)  # the dataset logs its own summary table
         seed_everything(self.cfg.train.seed)  # the same initial weights on every rank (stage 1 runs without DDP)
         self.model = create_model(self.cfg, self.data.num_train_pids, self.data.num_train_cams).to(self.device)
         seed_everything(self.cfg.train.seed + self.rank)  # then each rank its own stream (dropout, masking)

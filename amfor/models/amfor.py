@@ -89,6 +89,7 @@ class AMFOR(nn.Module):
                  mask_ratio: float = 0.75, hpr_fusion: bool = False, hpr_fraction: float = 1.0, hpr_dim: int = 512,
                  hpr_depth: int = 1, hpr_heads: int = 8,
                  recon_dim: int = 512, recon_depth: int = 3, recon_heads: int = 8, recon_hide_prob: float = 0.25,
+                 recon_fill: bool = False,
                  # losses
                  loss_weights: Mapping[str, float] | None = None, triplet_margin: float | None = None,
                  label_smoothing: float = 0.0, parsing_smoothing: float = 0.1) -> None:
@@ -112,6 +113,9 @@ class AMFOR(nn.Module):
         if not visible_area > 0:
             raise ValueError(f"visible_area must be > 0 (a share of one token's window), got {visible_area}")
         self.parsing_targets, self.visible_area = parsing_targets, float(visible_area)
+        if recon_fill and not part_recon:
+            raise ValueError("recon_fill=True (rebuilt parts at inference) needs part_recon=True")
+        self.recon_fill = bool(recon_fill)
 
         self.backbone = ReIDViT(img_size, patch_size, stride, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                                 mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, num_cameras=num_cameras,
@@ -471,10 +475,13 @@ class AMFOR(nn.Module):
         if part is None:
             return {"features": F.normalize(g, dim=-1)[:, None], "visibility": g.new_ones(g.shape[0], 1)}
         B, P, D = images.shape[0], self.num_parts, g.shape[-1]
-        parts = self.parts_neck.bn(part["student"][:, 2:].flatten(1)).view(B, P, D)
+        student, visible = part["student"][:, 2:], torch.sigmoid(part["vis_logits"]) > 0.5
+        if self.recon_fill:  # the hidden parts rebuilt from the foreground and the visible ones, and counted
+            rebuilt = self.part_reconstructor(part["foreground"], student, ~visible)
+            student, visible = torch.where(visible[..., None], student, rebuilt), torch.ones_like(visible)
+        parts = self.parts_neck.bn(student.flatten(1)).view(B, P, D)
         features = F.normalize(torch.cat([g[:, None], parts], dim=1), dim=-1)
-        visible = (torch.sigmoid(part["vis_logits"]) > 0.5).to(g.dtype)
-        return {"features": features, "visibility": torch.cat([g.new_ones(B, 1), visible], dim=1)}
+        return {"features": features, "visibility": torch.cat([g.new_ones(B, 1), visible.to(g.dtype)], dim=1)}
 
     def _check_batch(self, images, pids, masks, occlusion) -> None:
         B = images.shape[0]

@@ -270,6 +270,22 @@ _COMPILED = (_registry.register_implementation(SPECS, "") or {}).get("query_fusi
 # ---------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------
+def _autocast_inputs(q: torch.Tensor, k: KV, v: KV) -> tuple[torch.Tensor, KV, KV]:
+    """Under autocast for q's device: q, k, v cast to the autocast dtype (float64 and non-tensors untouched, so
+    validation still names them); otherwise unchanged. Autocast only acts on torch's own ops, and q (from a
+    linear layer) would otherwise arrive in bfloat16 next to float32 keys (from a LayerNorm)."""
+    if not isinstance(q, torch.Tensor) or not torch.is_autocast_enabled(q.device.type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(q.device.type)
+
+    def cast(t):
+        if isinstance(t, torch.Tensor):
+            return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+        return [cast(x) for x in t] if isinstance(t, (list, tuple)) else t
+
+    return cast(q), cast(k), cast(v)
+
+
 def query_fusion_attention(q: torch.Tensor, k: KV, v: KV, layer_weights: torch.Tensor | None = None,
                            attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """A few queries attend over the tokens of L layers; the per-layer results are mixed by layer weights.
@@ -278,8 +294,10 @@ def query_fusion_attention(q: torch.Tensor, k: KV, v: KV, layer_weights: torch.T
     shares keys/values across heads); layer_weights: None (1/L each), [L], [B, L] or [B, Q, L],
     differentiable; attn_mask: None or bool [B, Q, L, N] / [B, 1, L, N], True = may attend (a layer whose
     keys are all masked for a query contributes zero); scale: default d ** -0.5  ->  out [B, H, Q, d].
-    float32/float16/bfloat16 (float64 on the torch, cpp and cuda backends), float32 accumulation.
+    float32/float16/bfloat16 (float64 on the torch, cpp and cuda backends), float32 accumulation. Under
+    autocast, q, k and v run in the autocast dtype (as SDPA does), whatever mix of float dtypes they came in.
     """
+    q, k, v = _autocast_inputs(q, k, v)
     Hkv, L, N = _check_inputs(q, k, v, layer_weights, attn_mask, scale)
     B, H, Q, d = q.shape
     scale = float(d ** -0.5 if scale is None else scale)

@@ -195,6 +195,25 @@ def test_eval_is_deterministic_and_runs_no_training_branch(batch, small):
     torch.testing.assert_close(glob, first["features"][:, 0])
 
 
+def test_recon_fill_counts_rebuilt_parts_where_the_head_says_hidden(batch, small):
+    with pytest.raises(ValueError, match="recon_fill=True .* needs part_recon=True"):
+        small.model(part_recon=False, recon_fill=True)
+    model = small.model()
+    for _ in range(2):
+        train_step(model, batch)
+    filled = small.model(recon_fill=True)
+    filled.load_state_dict(model.state_dict())  # recon_fill adds no parameter
+    model.eval(), filled.eval()
+    with torch.no_grad():
+        plain, out = model(batch["img"], batch["camid"]), filled(batch["img"], batch["camid"])
+    hidden = plain["visibility"] == 0
+    assert bool(hidden.any()) and bool((out["visibility"] == 1).all())
+    torch.testing.assert_close(out["features"][~hidden], plain["features"][~hidden])
+    assert not torch.allclose(out["features"][hidden], plain["features"][hidden])
+    norms = out["features"].norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
 def test_eval_without_parts_gives_the_global_feature(batch, small):
     model = small.model(parts=False, teacher_student=False, amgd=False, part_recon=False).eval()
     out = model(batch["img"], batch["camid"])
@@ -306,6 +325,29 @@ def test_the_backend_changes_speed_not_results(backend, batch, small):
     assert grads.keys() == ref_grads.keys()
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_bf16_autocast_trains_and_evaluates_close_to_float32(batch, small):
+    """Every component under bf16 autocast (train.amp=bf16; CPU here, the same autocast rules as a GPU's): the
+    fused ops take the mix of bf16 and float32 inputs autocast produces; losses and features near float32's."""
+    model = small.model()
+    ref, _ = seeded_step(model, batch, "torch")
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(123)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = train_step(model, batch)
+    for k, v in ref.items():
+        if k.startswith("loss"):
+            assert torch.isfinite(out[k]), k
+            torch.testing.assert_close(out[k].float(), v, rtol=0.1, atol=0.05, msg=k)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.no_grad():
+        want = model(batch["img"], batch["camid"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(batch["img"], batch["camid"])
+    torch.testing.assert_close(got["features"].float(), want["features"], rtol=0.05, atol=0.05)
+    assert (got["visibility"].float() == want["visibility"]).float().mean() >= 0.9  # thresholded: a near-0.5 may flip
 
 
 def test_thin_parts_are_visible_and_supervised(small):

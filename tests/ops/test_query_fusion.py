@@ -301,6 +301,23 @@ def test_bad_inputs(over, error, match):
         query_fusion_attention(**_bad(**over))
 
 
+@pytest.mark.parametrize("device,backend", [(d, b) for d in devices() for b in backends(d)])
+def test_autocast_runs_mixed_dtypes_in_the_autocast_dtype(device, backend):
+    """A model under autocast hands the op bfloat16 queries (a linear layer) and float32 keys (a LayerNorm)."""
+    q, k, v, w, m = _inputs(B=2, H=2, Hkv=1, Q=3, L=2, N=19, d=16, device=device, mask="b1")
+    keys, values = list(k.unbind(2)), list(v.unbind(2))
+    with pytest.raises(TypeError, match="k\\[0\\] has dtype"):  # outside autocast a mix is an error
+        query_fusion_attention(q.bfloat16(), keys, values, w, m)
+    qb = q.bfloat16().requires_grad_()
+    with use_backend(backend), torch.autocast(device, dtype=torch.bfloat16):
+        out = query_fusion_attention(qb, keys, values, w, m)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert qb.grad is not None and bool(torch.isfinite(qb.grad).all())
+    ref = query_fusion_attention_reference(qb.detach().float(), k, v, w, m)
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("device,backend", _cases())
 def test_bad_inputs_for_kernels(device, backend):
     q = torch.randn(1, 1, 2, 1100, device=device)
