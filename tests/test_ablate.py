@@ -115,6 +115,22 @@ def test_other_settings_in_the_same_output_are_refused(ablated, tiny_root, capsy
     assert "other settings" in capsys.readouterr().err
 
 
+def test_a_changed_default_is_refused_by_name(tmp_path):
+    """The same arguments over another default (here the demo's random erasing) would mix two recipes."""
+    from amfor.config import ConfigError
+
+    plan = ablation.Plan(tmp_path, budget_minutes=9.0)
+    stored = {"settings": plan.settings(), "variants": {}}
+    ablation.check_settings(stored, plan)  # the same recipe: fine
+    assert "train.seed" not in stored["settings"]["recipe"] and "model.kwargs.hpr" not in stored["settings"]["recipe"]
+    stored["settings"]["recipe"]["data.erasing"] = 0.5 + stored["settings"]["recipe"]["data.erasing"]
+    with pytest.raises(ConfigError, match="data.erasing"):
+        ablation.check_settings(stored, plan)
+    del stored["settings"]["recipe"]
+    with pytest.raises(ConfigError, match="before recipes were recorded"):
+        ablation.check_settings(stored, plan)
+
+
 # (3) ------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_interrupted_runs_are_resumed_or_restarted_to_the_same_result(ablated, tiny_root, tmp_path):

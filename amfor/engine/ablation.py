@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from ..config import ConfigError, build_config
+from ..config import ConfigError, build_config, to_dict
 from ..models.amfor import SWITCHES
 from .checkpoint import CheckpointError, load_checkpoint
 from .process import stop_group
@@ -125,9 +125,15 @@ class Plan:
         return self.num_seeds or default_seeds(variant)
 
     def settings(self) -> dict:
-        """What the results of an output folder depend on (the variants and seeds may grow)."""
+        """What the results of an output folder depend on (the variants and seeds may grow); `recipe` catches a
+        changed default (config file or amfor/config.py) that the arguments alone would not show."""
         return {"config": self.config, "overrides": list(self.overrides), "budget_minutes": self.budget_minutes,
-                "steps": self.steps}
+                "steps": self.steps, "recipe": self.recipe()}
+
+    def recipe(self) -> dict:
+        """The resolved config of every run as dotted keys, less the keys the ablation sets per run."""
+        flat = _dotted(to_dict(build_config(self.config, self.overrides)))
+        return {k: v for k, v in flat.items() if k not in OWNED_KEYS}
 
     def order(self) -> list[tuple[str, int]]:
         """(variant, seed) pairs seed-major: every variant's seed 0 first, so a cut-short ablation has every row."""
@@ -217,11 +223,31 @@ def save_budgets(output: Path, budgets: dict) -> None:
     os.replace(tmp, output / "budgets.json")
 
 
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; an empty mapping stays a value."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def check_settings(budgets: dict, plan: Plan) -> None:
-    """An output folder holds one ablation: other settings would mix results of different runs."""
+    """An output folder holds one ablation: other settings, or the same arguments over other defaults, would mix
+    results of different runs."""
     stored = budgets.get("settings")
-    if stored is not None and stored != plan.settings():
-        diff = {k: (stored.get(k), v) for k, v in plan.settings().items() if stored.get(k) != v}
+    if stored is None:
+        return
+    given = plan.settings()
+    if "recipe" not in stored:
+        raise ConfigError(f"{plan.output} holds an ablation from before recipes were recorded: its defaults cannot be "
+                          "checked against today's; choose another --output")
+    diff = {k: (stored.get(k), v) for k, v in given.items() if k != "recipe" and stored.get(k) != v}
+    old, new = stored["recipe"], given["recipe"]
+    diff |= {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+    if diff:
         raise ConfigError(f"{plan.output} holds an ablation with other settings (stored, given: {diff}); "
                           "choose another --output")
 
