@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from amfor.losses import AMGDLoss
-from amfor.losses.amgd import conv_over_granularities
 from amfor.ops import use_backend
 from amfor.testing import backends
 
@@ -155,18 +154,3 @@ def test_trains_with_an_optimizer_step():
         opt.step()
         losses.append(out.loss.item())
     assert losses[-1] < 0.5 * losses[0]
-
-
-@pytest.mark.parametrize("k", [1, 3, 5])
-def test_the_generation_convolution_is_conv1d_over_the_granularities(k):
-    torch.manual_seed(0)
-    conv = torch.nn.Conv1d(6, 5, k, padding=k // 2).double()
-    x = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
-    got = conv_over_granularities(x, conv)
-    want = conv(x.transpose(1, 2)).transpose(1, 2)
-    torch.testing.assert_close(got, want)
-    grad = torch.randn_like(want)
-    g_got = torch.autograd.grad(got, [x, conv.weight, conv.bias], grad)
-    g_want = torch.autograd.grad(want, [x, conv.weight, conv.bias], grad)
-    for a, b in zip(g_got, g_want, strict=True):
-        torch.testing.assert_close(a, b)
