@@ -142,21 +142,22 @@ def _closest(key: str) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
-    """Dotted keys of a nested mapping; a free-form `kwargs` mapping is one key."""
-    keys = []
+def dotted_items(tree: dict, prefix: str = "", into_kwargs: bool = True) -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the leaves of a nested mapping by dotted key (an empty mapping is a leaf;
+    with `into_kwargs=False` a free-form `kwargs` mapping is one leaf too)."""
+    out = {}
     for key, value in tree.items():
         full = f"{prefix}{key}"
-        if isinstance(value, dict) and value and not str(key).endswith("kwargs"):
-            keys += _flat_keys(value, full + ".")
+        if isinstance(value, dict) and value and (into_kwargs or not str(key).endswith("kwargs")):
+            out.update(dotted_items(value, full + ".", into_kwargs))
         else:
-            keys.append(full)
-    return keys
+            out[full] = value
+    return out
 
 
 def _check_keys(tree: dict, source: str) -> None:
     known = set(valid_keys())
-    for key in _flat_keys(tree):
+    for key in dotted_items(tree, into_kwargs=False):
         if key not in known and not any(key.startswith(k + ".") for k in known if k.endswith("kwargs")):
             raise ConfigError(f"{source}: unknown key '{key}'{_closest(key)}")
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from ..config import ConfigError, build_config, to_dict
+from ..config import ConfigError, build_config, dotted_items, to_dict
 from ..models.amfor import SWITCHES
 from .checkpoint import CheckpointError, load_checkpoint
 from .process import stop_group
@@ -132,7 +132,7 @@ class Plan:
 
     def recipe(self) -> dict:
         """The resolved config of every run as dotted keys, less the keys the ablation sets per run."""
-        flat = _dotted(to_dict(build_config(self.config, self.overrides)))
+        flat = dotted_items(to_dict(build_config(self.config, self.overrides)))
         return {k: v for k, v in flat.items() if k not in OWNED_KEYS}
 
     def order(self) -> list[tuple[str, int]]:
@@ -221,17 +221,6 @@ def save_budgets(output: Path, budgets: dict) -> None:
     tmp = output / ".budgets.json.tmp"
     tmp.write_text(json.dumps(budgets, indent=1) + "\n")
     os.replace(tmp, output / "budgets.json")
-
-
-def _dotted(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}; an empty mapping stays a value."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def check_settings(budgets: dict, plan: Plan) -> None:
