@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -69,8 +70,9 @@ def test_two_variants_write_records_a_report_and_a_png(ablated):
     assert [(r["variant"], r["seed"]) for r in records] == [("baseline", 0), ("+parts", 0)]
     for r in records:
         for key in ("switches", "steps", "epochs", "img_s", "occluded_mAP", "occluded_R1", "whole_mAP", "whole_R1",
-                    "val_mAP", "wall_s", "command"):
+                    "val_mAP", "wall_s", "command", "commit"):
             assert r[key] is not None, key
+        assert re.fullmatch(r"[0-9a-f]{7,}(\+dirty)?", r["commit"]), r["commit"]
         assert r["switches"] == VARIANTS[r["variant"]] and r["steps"] == 2 and r["epochs"] > 0
         assert 0 <= r["occluded_mAP"] <= 1 and 0 <= r["whole_R1"] <= 1 and not r["resumed"]
         assert r["command"].startswith("python -m amfor.train --set ") and "train.seed=0" in r["command"]
@@ -255,6 +257,15 @@ def test_report_math_on_hand_made_records():
     assert table["full-ts"].count("—") == 11 and "| 0/2 seeds | — |" in table["full-ts"]
     assert table["baseline"].endswith("| — | 30.00 | 0.500 |")  # re-ranked and val: from the one record with them
     assert delta(rows["full-amgd"], None)["delta"] is None and not math.isnan(amgd["spread"])
+
+
+def test_report_speed_is_the_calibrations_and_the_commits_are_collected():
+    records = [record("baseline", 0, 0.2) | {"commit": "abc1234"}, record("baseline", 1, 0.2) | {"commit": "def5678"},
+               record("+parts", 0, 0.3)]
+    budgets = {"variants": {"baseline": {"steps": 100, "img_s": 150.0}}}  # +parts: no calibration recorded
+    rows = {r["variant"]: r for r in summarize(records, {"baseline": 2, "+parts": 1}, budgets)}
+    assert rows["baseline"]["img_s"] == 150.0 and rows["+parts"]["img_s"] == pytest.approx(10.0)
+    assert rows["baseline"]["commits"] == ["abc1234", "def5678"] and rows["+parts"]["commits"] == []
 
 
 def test_variants_respect_the_switch_dependencies():

@@ -206,6 +206,19 @@ def machine() -> dict:
             "gpu": gpu}
 
 
+def code_version() -> str | None:
+    """The amfor checkout's commit (short hash), "+dirty" when amfor/ has uncommitted changes; None outside git."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "amfor"],
+                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def describe_machine(m: dict) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     return f"{m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['threads']} threads){gpu}"
@@ -409,7 +422,7 @@ def make_record(plan: Plan, variant: str, seed: int, steps: int, wall_s: float |
                if f"{split}_rerank" in results},
             "val_mAP": max(val) if val else None, "wall_s": wall_s, "resumed": resumed,
             "checkpoint": results.get("checkpoint"), "run_dir": str(run_dir),
-            "command": train_command(plan.train_args(variant, seed, steps)),
+            "command": train_command(plan.train_args(variant, seed, steps)), "commit": code_version(),
             "date": f"{datetime.now():%Y-%m-%d %H:%M}"}
 
 
@@ -510,12 +523,14 @@ def _mean_of(records: list[dict], key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def variant_row(variant: str, records: list[dict], planned: int) -> dict:
-    """The finished seeds < `planned` of one variant: counts, steps, speed, epochs, mean/std per metric."""
+def variant_row(variant: str, records: list[dict], planned: int, calibrated_img_s: float | None = None) -> dict:
+    """The finished seeds < `planned` of one variant: counts, steps, speed, epochs, mean/std per metric.
+    Speed is the calibration's (measured with the machine to itself) where given, else the runs' mean."""
     recs = sorted((r for r in records if r["variant"] == variant and r["seed"] < planned), key=lambda r: r["seed"])
+    img_s = calibrated_img_s if calibrated_img_s is not None else _mean_of(recs, "img_s")
     row = {"variant": variant, "done": len(recs), "planned": planned,
-           "steps": sorted({r["steps"] for r in recs}), "img_s": _mean_of(recs, "img_s"),
-           "epochs": _mean_of(recs, "epochs")}
+           "steps": sorted({r["steps"] for r in recs}), "img_s": img_s, "epochs": _mean_of(recs, "epochs"),
+           "commits": sorted({r["commit"] for r in recs if r.get("commit")})}
     for key in METRICS + EXTRA_METRICS:  # the extra ones only where recorded (older records lack the re-ranked)
         row[key], row[key + "_std"] = mean_std(r[key] for r in recs if r.get(key) is not None)
     return row
@@ -533,14 +548,20 @@ def delta(row: dict, ref: dict | None) -> dict:
     return {"ref": ref["variant"], "delta": d, "spread": spread, "exceeds": exceeds}
 
 
-def summarize(records: list[dict], seeds: dict[str, int]) -> list[dict]:
+def summarize(records: list[dict], seeds: dict[str, int], budgets: dict | None = None) -> list[dict]:
     """One row per variant of `seeds` (variant -> planned seeds), in order, with its delta vs its reference.
-    A reference outside `seeds` is computed from the records with its default seed count."""
-    rows = {v: variant_row(v, records, n) for v, n in seeds.items()}
+    A reference outside `seeds` is computed from the records with its default seed count. With `budgets`
+    (budgets.json), a variant's images/s is its calibration's."""
+    calibrated = {v: e.get("img_s") for v, e in (budgets or {}).get("variants", {}).items()}
+
+    def row_of(v: str, n: int) -> dict:
+        return variant_row(v, records, n, calibrated.get(v))
+
+    rows = {v: row_of(v, n) for v, n in seeds.items()}
     for row in list(rows.values()):
         ref = reference(row["variant"])
         if ref is not None and ref not in rows:
-            rows[ref] = variant_row(ref, records, default_seeds(ref))
+            rows[ref] = row_of(ref, default_seeds(ref))
         row.update(delta(row, rows.get(ref)))
     return [rows[v] for v in seeds]
 
@@ -579,8 +600,8 @@ def _delta_cells(row: dict) -> tuple[str, str]:
     return f"{100 * row['delta']:+.2f} vs {row['ref']}", beyond
 
 
-def header_lines(plan: Plan, budgets: dict, report: Path) -> list[str]:
-    """Budget, machine, reproducing command, date, and the validation/test note."""
+def header_lines(plan: Plan, budgets: dict, report: Path, commits: Iterable[str] = ()) -> list[str]:
+    """Budget, machine, code version, reproducing command, date, and the validation/test note."""
     entries = {v: budgets["variants"][v] for v in plan.variants if v in budgets["variants"]}
     steps = ", ".join(f"{v} {e['steps']}" for v, e in entries.items()) or "not fixed yet"
     if plan.steps:
@@ -591,18 +612,22 @@ def header_lines(plan: Plan, budgets: dict, report: Path) -> list[str]:
     machines = sorted({describe_machine(e["machine"]) for e in entries.values() if "machine" in e}) or ["unknown"]
     dates = sorted({e["date"] for e in entries.values() if "date" in e})
     when = f" (step counts fixed {' to '.join(dict.fromkeys([dates[0], dates[-1]]))})" if dates else ""
+    commits = sorted(set(commits))
+    code = (f" Code: commit {', '.join(f'`{c}`' for c in commits)} (each record's `commit`)." if commits else "")
     return [
         "# AMFOR ablation", "",
         f"Budget: {budget}; every seed of a variant trains exactly that many steps (`train.max_steps=N "
         "train.max_minutes=0`), so each run is repeatable from the `command` of its record in "
         f"`{plan.output / 'results.jsonl'}`. Machine: {'; '.join(machines)}{when}. Reproduce this report with "
-        f"`{plan.ablate_command(report)}`. Written {datetime.now():%Y-%m-%d %H:%M}.", "",
+        f"`{plan.ablate_command(report)}`. Written {datetime.now():%Y-%m-%d %H:%M}.{code}", "",
         f"Note: {VALIDATION_NOTE}.", "",
         "Test-split mAP and rank-1 in percent, mean ± sample standard deviation over the finished seeds "
         "(`train.seed`; the data, `data.seed`, are the same for all); occluded queries (`query`) and their "
         "whole-body copies (`query_whole`). Δ: occluded mAP minus that of the reference row (baseline for the `+` "
         "rows, full for the `full-` rows); it exceeds the seed spread when |Δ| is larger than the larger of the "
-        "two standard deviations. Rows with missing seeds show only the finished ones.", "",
+        "two standard deviations. Rows with missing seeds show only the finished ones. img/s: stage-2 training "
+        "images per second as measured by the variant's calibration, with the machine to itself (each run's own "
+        "figure is in its record).", "",
     ]
 
 
@@ -642,12 +667,13 @@ NOTES_MARKER = "<!-- notes: hand-written below this line, kept when the report i
 def write_report(plan: Plan, records: list[dict], budgets: dict, report: Path) -> Path:
     """`report` (Markdown) and the PNG next to it, from the records of finished runs. Whatever follows
     NOTES_MARKER in an existing report (the findings, written by hand) is kept."""
-    rows = summarize(records, {v: plan.seeds(v) for v in plan.variants})
+    rows = summarize(records, {v: plan.seeds(v) for v in plan.variants}, budgets)
     report.parent.mkdir(parents=True, exist_ok=True)
     png = plot_rows(rows, report.with_suffix(".png"))
     old = report.read_text() if report.exists() else ""
     notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else NOTES_MARKER + "\n"
-    lines = [*header_lines(plan, budgets, report), *table_lines(rows), "",
+    commits = (c for r in rows for c in r["commits"])
+    lines = [*header_lines(plan, budgets, report, commits), *table_lines(rows), "",
              f"![occluded and whole-body mAP]({png.name})", "", "Switches (`model.kwargs.<switch>`):", "",
              *switch_lines(plan.variants), ""]
     report.write_text("\n".join(lines) + "\n" + notes.rstrip("\n") + "\n")
