@@ -8,6 +8,7 @@ present (`AMFOR_BUILD_CUDA=0|1` forces off/on). Build against the installed torc
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -30,6 +31,16 @@ def _want_cuda(torch_cuda_version: str | None, cuda_home: str | None) -> bool:
     return torch_cuda_version is not None and cuda_home is not None
 
 
+def _openmp_flags(torch) -> list[str]:
+    """-fopenmp where torch's intra-op threads are OpenMP and the compiler is GCC-like (Linux): without it the
+    at::parallel_for of the C++ kernels (inlined from ATen's headers) compiles to a serial loop. The extension
+    then needs libgomp.so.1, which resolves to the copy torch has already loaded: one OpenMP runtime, whose
+    thread count torch.set_num_threads sets."""
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def _extensions():
     """The `amfor._C` extension and its build command, or nothing when torch is not importable."""
     try:
@@ -39,7 +50,8 @@ def _extensions():
         print("amfor: torch is not installed; building without the amfor._C extension")
         return [], {}
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3"]  # the C++ standard is the one torch's cpp_extension picks for its headers
+    openmp = _openmp_flags(torch)
+    cxx = ["-O3", *openmp]  # the C++ standard is the one torch's cpp_extension picks for its headers
     macros = []
     if _want_cuda(torch.version.cuda, cpp_extension.CUDA_HOME):
         if not torch.cuda.is_available():
@@ -49,10 +61,11 @@ def _extensions():
         macros.append(("AMFOR_WITH_CUDA", None))
         ext = cpp_extension.CUDAExtension(
             "amfor._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            py_limited_api=False,
+            extra_link_args=openmp, py_limited_api=False,
         )
     else:
-        ext = cpp_extension.CppExtension("amfor._C", sources, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("amfor._C", sources, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=openmp)
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
