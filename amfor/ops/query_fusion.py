@@ -24,8 +24,9 @@ import torch
 
 from amfor.ops import _registry
 
-# Measured on CPU: the C++ kernel beats the reference for float32 (its blocked path); other dtypes run the
-# plain per-row kernel, slower than the reference, so auto keeps the reference for them. cuda: not measured;
+# Measured on CPU (OpenMP build, docs/query_fusion.md): the C++ kernel beats the reference for float32 (its
+# blocked path); other dtypes run the plain per-row kernel, mostly slower than the reference, so auto keeps the
+# reference for them. cuda: not measured;
 # Triton has no float64 kernels, so float64 on CUDA takes the CUDA kernel (which has them).
 AUTO_ORDER = {"cuda": ("triton", "cuda"), "cuda:float64": ("cuda",), "cpu:float32": ("cpp",), "cpu": ()}
 MAX_HEAD_DIM = 1024  # the compiled kernels tile head dims up to this (the projection-absorbed path: d = D)
