@@ -443,6 +443,9 @@ def interleaved_lines(interleaved: list[tuple[Run, dict]]) -> list[str]:
         if not isinstance(ips, dict) or not ips:
             continue
         ratio = f", ratio {info['ratio']:.2f} (target >= {info.get('target_ratio', '?')})" if "ratio" in info else ""
+        if "speedup_vs_torch_ops" in info:
+            ratio += (f"; the full step on the torch reference ops {_number(info['torch_ops_images_per_s'])} img/s, "
+                      f"`{info.get('backend', '?')}` {info['speedup_vs_torch_ops']:.2f}x that")
         lines.append(f"- {run.machine}, `{info.get('model', '?')}` batch {info.get('batch', '?')} on "
                      f"`{info.get('backend', '?')}` (best of the rounds, one interleaved run): "
                      + ", ".join(f"{k} {_number(v)} img/s" for k, v in ips.items()) + ratio)

@@ -143,3 +143,17 @@ def test_end_to_end_rows_by_mode_and_configuration_with_peak_memory(tmp_path):
     assert "peak MiB" in text
     assert "| end_to_end | step | train full | fused_compiled | 200 | 320 images/s | 2.00x | 200 |" in text
     assert "| end_to_end | step | inference full | fused | 320 | 400 images/s | 1.25x | 250 |" in text
+
+
+def test_interleaved_run_lines_give_the_ratio_the_costs_and_the_speedup_over_the_torch_ops():
+    info = {"model": "tiny", "backend": "cpp", "batch": 64, "images_per_s": {"baseline": 160.0, "full": 96.0},
+            "ratio": 0.6, "target_ratio": 0.6, "marginal_ms": {"hpr": 100.0, "amff": 80.5},
+            "torch_ops_images_per_s": 80.0, "speedup_vs_torch_ops": 1.2}
+    run = plot.Run(Path("x.json"), "Test CPU", "", None, [])
+    lines = plot.interleaved_lines([(run, {"info": info})])
+    assert lines[0] == ("- Test CPU, `tiny` batch 64 on `cpp` (best of the rounds, one interleaved run): baseline 160 "
+                        "img/s, full 96 img/s, ratio 0.60 (target >= 0.6); the full step on the torch reference ops "
+                        "80 img/s, `cpp` 1.20x that")
+    assert lines[1] == "  - marginal cost per component (ms of the full step): hpr 100.0, amff 80.5"
+    older = {k: v for k, v in info.items() if k not in ("torch_ops_images_per_s", "speedup_vs_torch_ops")}
+    assert "torch reference ops" not in plot.interleaved_lines([(run, {"info": older})])[0]  # runs before it
