@@ -4,6 +4,7 @@ occluded and whole-body queries, mean and spread over seeds, in a Markdown repor
 
     python -m amfor.ablate                                  # all variants, the demo's 9-minute budget, runs/ablation
     python -m amfor.ablate --only baseline full --seeds 1   # a subset, one seed each
+                                                            # (the report keeps the folder's other rows)
     python -m amfor.ablate --list                           # variants, seeds, status, budgets
     python -m amfor.ablate --report-only                    # rebuild docs/ablation.md from results.jsonl
     python -m amfor.ablate --steps 20 --set data.size=tiny  # a fixed step count for every variant, no calibration

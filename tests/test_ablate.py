@@ -319,3 +319,31 @@ def test_calibration_fixes_a_step_count_that_every_seed_then_runs(tiny_root, tmp
     cfg = build_config(out / "baseline" / "seed0" / "config.yaml")
     assert (cfg.train.max_steps, cfg.train.max_minutes) == (entry["steps"], 0)
     assert not [r for r in read_jsonl(out / "baseline" / "seed0" / "metrics.jsonl") if r["type"] == "budget"]
+
+
+def test_a_subset_report_keeps_every_row_of_the_folder(tmp_path):
+    """`--only full` over a folder that holds other variants: the report keeps their rows and its command
+    names every variant of the folder, not the subset."""
+    out = tmp_path / "abl"
+    out.mkdir()
+    plan = ablation.make_plan(out, steps=5)
+    ablation.save_budgets(out, {"settings": plan.settings(), "variants": {}})
+    for variant, seed, occ in (("baseline", 0, 0.2), ("+parts", 0, 0.3), ("full", 0, 0.4), ("full", 1, 0.42)):
+        ablation.append_result(out, record(variant, seed, occ))
+    report = tmp_path / "report.md"
+    assert main(["--report-only", "--only", "full", "--output", str(out), "--report", str(report)]) == 0
+    rows = {line.split(" | ")[0][2:]: line for line in table_of(report)[1:] if " seeds |" in line}
+    assert list(rows) == ["baseline", "+parts", "full"]
+    assert "| 1/2 seeds |" in rows["+parts"] and "+10.00 vs baseline" in rows["+parts"]
+    assert "| 2/3 seeds |" in rows["full"] and "41.00 ± 1.41" in rows["full"]
+    command = re.search(r"Reproduce this report with `([^`]*)`", report.read_text()).group(1)
+    assert "--steps 5 --only baseline +parts full --report" in command  # default seeds: no --seeds
+    # a subset that is all the folder holds stays a subset, with its own seed count
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    ablation.save_budgets(alone, {"settings": plan.settings(), "variants": {}})
+    ablation.append_result(alone, record("full", 0, 0.4))
+    assert main(["--report-only", "--only", "full", "--seeds", "1", "--output", str(alone),
+                 "--report", str(report)]) == 0
+    assert [line.split(" | ")[:2] for line in table_of(report)[1:] if " seeds |" in line] == [["| full", "1/1 seeds"]]
+    assert "--only full --seeds 1" in report.read_text()

@@ -485,6 +485,18 @@ def stored_plan(plan: Plan) -> Plan:
                 stored["budget_minutes"], stored["steps"])
 
 
+def report_plan(plan: Plan, records: Iterable[dict], budgets: dict) -> Plan:
+    """The plan a report of `plan.output` is written for: every variant the folder holds (a finished run or a
+    calibration) as well as the planned ones, so a subset run (`--only`) does not drop the others' rows. A
+    widened plan takes the default seed counts, and its command (`ablate_command`) is then the one that
+    reproduces the whole folder."""
+    held = {r["variant"] for r in records} | set(budgets.get("variants", {})) | set(plan.variants)
+    variants = [v for v in VARIANTS if v in held]
+    if variants == plan.variants:
+        return plan
+    return Plan(plan.output, variants, None, plan.config, list(plan.overrides), plan.budget_minutes, plan.steps)
+
+
 def status_lines(plan: Plan) -> list[str]:
     """`--list`: each variant's seeds (done / interrupted / to run) and budget."""
     budgets, done = load_budgets(plan.output), load_results(plan.output)
@@ -666,7 +678,10 @@ NOTES_MARKER = "<!-- notes: hand-written below this line, kept when the report i
 
 def write_report(plan: Plan, records: list[dict], budgets: dict, report: Path) -> Path:
     """`report` (Markdown) and the PNG next to it, from the records of finished runs. Whatever follows
-    NOTES_MARKER in an existing report (the findings, written by hand) is kept."""
+    NOTES_MARKER in an existing report (the findings, written by hand) is kept. The report covers every variant
+    of the output folder (`report_plan`), whatever subset `plan` trained."""
+    records = list(records)
+    plan = report_plan(plan, records, budgets)
     rows = summarize(records, {v: plan.seeds(v) for v in plan.variants}, budgets)
     report.parent.mkdir(parents=True, exist_ok=True)
     png = plot_rows(rows, report.with_suffix(".png"))
