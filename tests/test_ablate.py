@@ -16,7 +16,7 @@ import pytest
 
 from amfor.ablate import main
 from amfor.engine import ablation
-from amfor.engine.ablation import VARIANTS, delta, mean_std, read_jsonl, summarize, table_lines
+from amfor.engine.ablation import VARIANTS, curve_lines, curve_rows, delta, mean_std, read_jsonl, summarize, table_lines
 from amfor.models.amfor import AMFOR, SWITCHES
 
 VARIANT_PAIR = ["baseline", "+parts"]  # the two cheapest variants (no text tower, so no stage 1)
@@ -80,6 +80,8 @@ def test_two_variants_write_records_a_report_and_a_png(ablated):
         results = json.loads((ablated / r["variant"] / "seed0" / "results.json").read_text())
         assert r["occluded_mAP"] == results["query"]["mAP"] and r["whole_mAP"] == results["query_whole"]["mAP"]
         assert r["occluded_mAP_rerank"] == results["query_rerank"]["mAP"]  # the default also re-ranks
+        steps = [step for _, step, _ in r["val_curve"]]
+        assert steps == sorted(steps) and steps[-1] == 2 and max(m for _, _, m in r["val_curve"]) == r["val_mAP"]
     budgets = json.loads((ablated / "budgets.json").read_text())
     assert {v: e["steps"] for v, e in budgets["variants"].items()} == {"baseline": 2, "+parts": 2}
     assert budgets["variants"]["baseline"]["machine"]["cpu_count"] >= 1
@@ -90,6 +92,9 @@ def test_two_variants_write_records_a_report_and_a_png(ablated):
     assert rows[1].startswith("| baseline | 1/1 seeds | 2 |") and rows[2].startswith("| +parts | 1/1 seeds | 2 |")
     expected = f"{100 * (records[1]['occluded_mAP'] - records[0]['occluded_mAP']):+.2f} vs baseline"
     assert expected in rows[2] and "n/a (< 2 seeds)" in rows[2]
+    assert ablation.CURVE_NOTE in report
+    curve_table = [line for line in rows if re.match(r"\| \S+ \| 1 \| .* \(2\) \|$", line)]
+    assert [line.split(" | ")[0] for line in curve_table] == ["| baseline", "| +parts"]  # one seed, last step 2
     png = (ablated / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -347,3 +352,26 @@ def test_a_subset_report_keeps_every_row_of_the_folder(tmp_path):
                  "--report", str(report)]) == 0
     assert [line.split(" | ")[:2] for line in table_of(report)[1:] if " seeds |" in line] == [["| full", "1/1 seeds"]]
     assert "--only full --seeds 1" in report.read_text()
+
+
+def test_the_equal_length_table_averages_the_curves_at_the_epochs_every_run_reached():
+    """Val mAP at the evaluations every run made before its own end, matched by epoch (the steps of an epoch vary
+    by one between runs), mean over seeds; records without a curve (older rounds) are left out."""
+    def curved(variant, seed, curve):
+        return record(variant, seed, 0.3) | {"val_curve": curve}
+    records = [curved("baseline", 0, [[5, 100, 0.1], [10, 200, 0.2], [15, 300, 0.3], [20, 400, 0.35]]),
+               curved("baseline", 1, [[5, 101, 0.3], [10, 201, 0.4], [15, 301, 0.5], [20, 400, 0.45]]),
+               curved("full", 0, [[5, 99, 0.2], [10, 199, 0.5], [12, 250, 0.55]]),  # a shorter run: ends at 250
+               record("full", 1, 0.3),  # no curve: not counted
+               curved("full", 9, [[5, 100, 0.9]])]  # outside the planned seeds
+    columns, rows = curve_rows(records, {"baseline": 3, "+parts": 2, "full": 3})
+    assert columns == [(5, 100), (10, 200)]  # epoch 15 is past full's end; its epoch-12 evaluation is its last
+    base, full = rows
+    assert (base["variant"], base["seeds"], full["variant"], full["seeds"]) == ("baseline", 2, "full", 1)
+    assert base["at"] == {5: pytest.approx(0.2), 10: pytest.approx(0.3)} and base["last"] == pytest.approx(0.4)
+    assert full["at"] == {5: 0.2, 10: 0.5} and full["last"] == 0.55 and full["last_steps"] == [250]
+    lines = curve_lines(columns, rows)
+    assert lines[0] == "| variant | seeds | epoch 5 (step 100) | epoch 10 (step 200) | last evaluation (step) |"
+    assert lines[2] == "| baseline | 2 | 0.200 | 0.300 | 0.400 (400) |"
+    assert lines[3] == "| full | 1 | 0.200 | 0.500 | 0.550 (250) |"
+    assert curve_rows([record("full", 0, 0.3)], {"full": 3}) == ([], []) and curve_lines([], []) == []

@@ -414,13 +414,15 @@ def make_record(plan: Plan, variant: str, seed: int, steps: int, wall_s: float |
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     img_s = [r["img_s"] for r in metrics if r.get("type") == "train" and r.get("stage") == 2 and "img_s" in r]
     val = [r["mAP"] for r in metrics if r.get("type") == "eval" and r.get("split") == "val"]
+    curve = [[r["epoch"], r["step"], r["mAP"]] for r in metrics  # [epoch, step, val mAP] per stage-2 evaluation
+             if r.get("type") == "eval" and r.get("split") == "val" and r.get("stage") == 2 and "step" in r]
     return {"variant": variant, "seed": seed, "switches": VARIANTS[variant], "steps": steps,
             "epochs": _epochs(run_dir, steps), "img_s": statistics.median(img_s) if img_s else None,
             "occluded_mAP": results["query"]["mAP"], "occluded_R1": results["query"]["R1"],
             "whole_mAP": results["query_whole"]["mAP"], "whole_R1": results["query_whole"]["R1"],
             **{f"{name}_rerank": results[f"{split}_rerank"][m] for name, split, m in RERANKED
                if f"{split}_rerank" in results},
-            "val_mAP": max(val) if val else None, "wall_s": wall_s, "resumed": resumed,
+            "val_mAP": max(val) if val else None, "val_curve": curve, "wall_s": wall_s, "resumed": resumed,
             "checkpoint": results.get("checkpoint"), "run_dir": str(run_dir),
             "command": train_command(plan.train_args(variant, seed, steps)), "commit": code_version(),
             "date": f"{datetime.now():%Y-%m-%d %H:%M}"}
@@ -578,6 +580,56 @@ def summarize(records: list[dict], seeds: dict[str, int], budgets: dict | None =
     return [rows[v] for v in seeds]
 
 
+def curve_rows(records: list[dict], seeds: dict[str, int]) -> tuple[list[tuple[int, int]], list[dict]]:
+    """Validation mAP at equal training lengths, from each record's `val_curve` ([epoch, step, mAP] per stage-2
+    evaluation). Evaluations are matched by epoch (a PK epoch's length varies by a step or so between runs) ->
+    (the (epoch, median step) every curve reached before its own last evaluation, one row per variant of `seeds`
+    with a curve: {"variant", "seeds", "at": {epoch: mean val mAP}, "last": mean final val mAP, "last_steps"}).
+    Records without a curve (older rounds) are left out."""
+    per_variant = {}
+    for v, n in seeds.items():
+        curves = [r["val_curve"] for r in records if r["variant"] == v and r["seed"] < n and r.get("val_curve")]
+        if curves:
+            per_variant[v] = curves
+    if not per_variant:
+        return [], []
+
+    def before_end(curve: list) -> dict[int, tuple[int, float]]:
+        end = max(step for _, step, _ in curve)
+        return {epoch: (step, m) for epoch, step, m in curve if step < end}
+
+    periodic = [before_end(c) for cs in per_variant.values() for c in cs]
+    epochs = sorted(set.intersection(*(set(p) for p in periodic)))
+    columns = [(e, round(statistics.median(p[e][0] for p in periodic))) for e in epochs]
+    rows = []
+    for v, curves in per_variant.items():
+        ends = [max(curve, key=lambda x: x[1]) for curve in curves]
+        rows.append({"variant": v, "seeds": len(curves),
+                     "at": {e: statistics.fmean(before_end(c)[e][1] for c in curves) for e in epochs},
+                     "last": statistics.fmean(m for _, _, m in ends), "last_steps": sorted({s for _, s, _ in ends})})
+    return columns, rows
+
+
+def curve_lines(columns: list[tuple[int, int]], rows: list[dict]) -> list[str]:
+    """The equal-length table (empty without curves): a column per common evaluation, "epoch E (step S)"."""
+    if not rows:
+        return []
+    head = ["variant", "seeds", *(f"epoch {e} (step {s})" for e, s in columns), "last evaluation (step)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["variant"], str(r["seeds"]), *(f"{r['at'][e]:.3f}" for e, _ in columns),
+                 f"{r['last']:.3f} ({'/'.join(map(str, r['last_steps']))})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+CURVE_NOTE = ("Validation mAP at equal training lengths (the periodic evaluations of each run, matched by epoch, "
+              "mean over the seeds that logged them; the epochs every run reached before its own end, with the "
+              "median step). Each run's learning rate anneals to "
+              "its own step count, so at a common step a shorter run is further down its schedule: this view tells "
+              "what a component does per step, the table above what it does per unit of time.")
+
+
 # --- the report: rendering -------------------------------------------------------------------------------
 def _pct(mean: float | None, std: float | None) -> str:
     if mean is None:
@@ -688,8 +740,10 @@ def write_report(plan: Plan, records: list[dict], budgets: dict, report: Path) -
     old = report.read_text() if report.exists() else ""
     notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else NOTES_MARKER + "\n"
     commits = (c for r in rows for c in r["commits"])
+    steps, curves = curve_rows(records, {v: plan.seeds(v) for v in plan.variants})
+    equal_steps = [CURVE_NOTE, "", *curve_lines(steps, curves), ""] if curves else []
     lines = [*header_lines(plan, budgets, report, commits), *table_lines(rows), "",
-             f"![occluded and whole-body mAP]({png.name})", "", "Switches (`model.kwargs.<switch>`):", "",
-             *switch_lines(plan.variants), ""]
+             f"![occluded and whole-body mAP]({png.name})", "", *equal_steps, "Switches (`model.kwargs.<switch>`):",
+             "", *switch_lines(plan.variants), ""]
     report.write_text("\n".join(lines) + "\n" + notes.rstrip("\n") + "\n")
     return report
