@@ -73,6 +73,39 @@ def stats_median_ms(benchmark, fn: Callable[[], object], rounds: int = 3) -> flo
     return statistics.median(times) * 1e3
 
 
+def interleaved_times(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of every step in each of `rounds` rounds, the steps taken in turn within a round and in reverse
+    order every other round (A B, B A, ...), so that a drift of the machine's speed (10-30% within minutes on a
+    shared VM) and any cost of following another step reach every step alike. The caller synchronises the
+    device inside a step."""
+    import time
+
+    names = list(steps)
+    times = {name: [] for name in names}
+    for i in range(rounds):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def paired_speedup(reference_s: list[float], new_s: list[float], resamples: int = 2000) -> tuple[float, float, float]:
+    """(median, 2.5%, 97.5%) of the per-round ratio reference / new over rounds timed together (interleaved_times):
+    > 1 means `new` is faster. The interval is a bootstrap of the median over the rounds (a fixed seed, so the
+    same times give the same interval)."""
+    import random
+    import statistics
+
+    if len(reference_s) != len(new_s) or not reference_s:
+        raise ValueError(f"paired_speedup needs the same number (> 0) of rounds, got {len(reference_s)} and "
+                         f"{len(new_s)}")
+    ratios = [a / b for a, b in zip(reference_s, new_s, strict=True)]
+    rng = random.Random(0)
+    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return statistics.median(ratios), boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
+
+
 def check_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float | None = None) -> None:
     """The provider's result against the reference before it is timed (tolerance by dtype unless given)."""
     tol = tol if tol is not None else {torch.bfloat16: 3e-2, torch.float16: 5e-3}.get(actual.dtype, 1e-4)

@@ -268,10 +268,14 @@ def reference_of(result: Result) -> str:
 
 
 def speedups(results: list[Result]) -> dict[int, float]:
-    """id(result) -> reference median / its median, for rows whose reference ran on the same problem and machine."""
+    """id(result) -> reference median / its median, for rows whose reference ran on the same problem and machine;
+    where the benchmark timed both in the same interleaved rounds (`paired_speedup`), that figure instead."""
     key = lambda r: (r.machine, r.op, r.mode, r.dtype, r.size)  # noqa: E731
     refs = {key(r): r.median_ms for r in results if r.provider == reference_of(r)}
-    return {id(r): refs[key(r)] / r.median_ms for r in results if key(r) in refs}
+    ups = {id(r): refs[key(r)] / r.median_ms for r in results if key(r) in refs}
+    ups.update({id(r): float(r.info["paired_speedup"]) for r in results
+                if isinstance(r.info.get("paired_speedup"), (int, float))})
+    return ups
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -417,6 +421,8 @@ def table(results: list[Result]) -> str:
     for r in _table_order(results):
         size = f"{r.size} {r.dtype}".strip() if len({x.dtype for x in results if x.op == r.op}) > 1 else r.size
         up = f"{ups[id(r)]:.2f}x" if id(r) in ups else "-"
+        ci = r.info.get("paired_speedup_ci")
+        up += f" (paired, {ci[0]:.2f}-{ci[1]:.2f})" if isinstance(ci, list) and len(ci) == 2 else ""
         cells = [r.op, r.mode, size] + [r.machine] * machine + [r.provider, f"{r.median_ms:.4g}",
                                                                  f"{_number(r.throughput)} {r.unit}", up]
         if memory:

@@ -7,7 +7,10 @@
 - `pool`: a timm ViT with `global_pool="map"`, timm's `AttentionPoolLatent` (`reference`) vs `QueryFusionPool`
   (`amfor`, the same output).
 A step is forward + backward + SGD update; extra_info: images_per_s. Each provider's loss is checked against the
-other's before timing.
+other's before timing. The `amfor` rows also time both providers in the same interleaved rounds (A B, B A, ...)
+and record the per-round speed-up over the reference, its median and bootstrap interval (`paired_speedup`,
+`paired_speedup_ci`, `paired_rounds`): separate tests minutes apart compare the machine's drift as much as the
+providers (`python -m benchmarks.plot` shows the paired figure where there is one).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from amfor.nn import MAEDecoder, apply_query_fusion_pool, masked_forward_features
 from amfor.ops import random_masking
-from benchmarks.common import REFERENCE, measure
+from benchmarks.common import REFERENCE, interleaved_times, measure, paired_speedup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ARCH, SIZE, BATCH = ("vit_small_patch16_224", (256, 128), 64) if DEVICE == "cuda" else \
@@ -117,3 +120,8 @@ def test_dropin_training_step(benchmark, case, provider):
     ms = measure(benchmark, step, DEVICE, rounds=5 if DEVICE == "cpu" else 20, case=case, provider=provider,
                  model=ARCH, batch=BATCH)
     benchmark.extra_info["images_per_s"] = BATCH / (ms * 1e-3)
+    if provider != REFERENCE:
+        rounds = 12 if DEVICE == "cpu" else 40
+        times = interleaved_times({REFERENCE: other, provider: step}, rounds)
+        median, low, high = paired_speedup(times[REFERENCE], times[provider])
+        benchmark.extra_info.update(paired_speedup=median, paired_speedup_ci=[low, high], paired_rounds=rounds)

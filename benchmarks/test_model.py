@@ -20,7 +20,6 @@ GPU: `amfor_vit_base_patch16` at 256x128, batch 64, bf16 autocast. A step is for
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import pytest
@@ -30,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import amfor
 from amfor.ops import available_backends, use_backend
-from benchmarks.common import check_close, measure, peak_memory_bytes
+from benchmarks.common import check_close, interleaved_times, measure, peak_memory_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAME = "amfor_vit_base_patch16" if DEVICE == "cuda" else "amfor_vit_tiny_patch16"
@@ -98,15 +97,8 @@ def check_losses(step: Step, backend: str) -> None:
 
 
 def interleaved_best_seconds(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Best time of each step over `rounds` rounds, the steps taken in turn within each round, so that a drift of
-    the machine's speed (10-30% within minutes on a shared VM) reaches every step alike."""
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            t = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t)
-    return {name: min(ts) for name, ts in times.items()}
+    """Best time of each step over `rounds` interleaved rounds (benchmarks.common.interleaved_times)."""
+    return {name: min(ts) for name, ts in interleaved_times(steps, rounds).items()}
 
 
 def with_backend(step: Step, backend: str) -> Callable[[], None]:

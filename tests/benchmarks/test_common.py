@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks.common import peak_memory_bytes
@@ -27,3 +28,16 @@ def test_cpu_peak_memory_counts_what_is_live_together():
         return len(keep)
 
     assert 4 * MB <= peak_memory_bytes(fn, "cpu") < 4 * MB + 4096
+
+
+def test_interleaved_rounds_alternate_the_order_and_pair_the_times():
+    from benchmarks.common import interleaved_times, paired_speedup
+
+    calls = []
+    times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=4)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"] and [len(t) for t in times.values()] == [4, 4]
+    median, low, high = paired_speedup([2.0, 2.2, 1.8, 2.1, 2.0], [1.0, 1.0, 1.0, 1.05, 1.0])
+    assert median == 2.0 and 1.8 <= low <= median <= high <= 2.2
+    assert paired_speedup([1.0] * 3, [2.0] * 3) == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="same number"):
+        paired_speedup([1.0], [1.0, 2.0])

@@ -157,3 +157,20 @@ def test_interleaved_run_lines_give_the_ratio_the_costs_and_the_speedup_over_the
     assert lines[1] == "  - marginal cost per component (ms of the full step): hpr 100.0, amff 80.5"
     older = {k: v for k, v in info.items() if k not in ("torch_ops_images_per_s", "speedup_vs_torch_ops")}
     assert "torch reference ops" not in plot.interleaved_lines([(run, {"info": older})])[0]  # runs before it
+
+
+def test_a_paired_speedup_replaces_the_ratio_of_separate_medians(tmp_path):
+    """test_dropin_training_step's amfor row carries the speed-up timed in the same rounds as the reference: the
+    table shows it, with its interval, instead of the ratio of two medians timed minutes apart."""
+    benches = [_bench(f"test_dropin_training_step[masked-{p}]",
+                      {"case": "masked", "provider": p, "batch": 32, "median_ms": ms} | extra, ms)
+               for p, ms, extra in (("reference", 100.0, {}),
+                                    ("amfor", 125.0, {"paired_speedup": 1.02, "paired_speedup_ci": [0.99, 1.05],
+                                                      "paired_rounds": 12}))]
+    src = tmp_path / "dropin.json"
+    src.write_text(json.dumps({"machine_info": {"cpu": {"brand_raw": "Test CPU", "count": 2}, "torch": "2.9.0"},
+                               "benchmarks": benches, "datetime": "2026-01-02T03:04:05+00:00"}))
+    plot.build([src], tmp_path / "out", None)
+    text = (tmp_path / "out/results.md").read_text()
+    assert "| dropin_step | step | masked | amfor | 125 | 256 images/s | 1.02x (paired, 0.99-1.05) |" in text
+    assert "| dropin_step | step | masked | reference | 100 | 320 images/s | 1.00x |" in text
