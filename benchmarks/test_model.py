@@ -6,7 +6,8 @@ GPU: `amfor_vit_base_patch16` at 256x128, batch 64, bf16 autocast. A step is for
 - `test_training_step[<config>-<backend>]`: images/s of one configuration ("baseline": every switch off, the
   TransReID-style ID + triplet model; "full": every component on) with one op backend.
 - `test_full_vs_baseline`: both configurations interleaved in one run (same machine state: the steps taken in
-  turn every round, best of the rounds), the ratio of their images/s (target: full >= 0.6x baseline), the
+  turn every round, A B, B A, ...; best of the rounds, and the per-round figures' median with a bootstrap
+  interval), the ratio of their images/s (target: full >= 0.6x baseline), the
   marginal cost of each component (the full step minus the step without it), the full step on the torch reference
   ops in the same rounds (the fused backend's speed-up over them) and the profiler's forward split by model
   stage. Run with `-s` to see the table.
@@ -29,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import amfor
 from amfor.ops import available_backends, use_backend
-from benchmarks.common import check_close, interleaved_times, measure, peak_memory_bytes
+from benchmarks.common import check_close, interleaved_times, measure, paired_speedup, peak_memory_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAME = "amfor_vit_base_patch16" if DEVICE == "cuda" else "amfor_vit_tiny_patch16"
@@ -96,11 +97,6 @@ def check_losses(step: Step, backend: str) -> None:
         check_close(losses[backend][k], ref, f"{backend} {k}", tol=3e-2 if DEVICE == "cuda" else 1e-4)  # bf16 on GPU
 
 
-def interleaved_best_seconds(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Best time of each step over `rounds` interleaved rounds (benchmarks.common.interleaved_times)."""
-    return {name: min(ts) for name, ts in interleaved_times(steps, rounds).items()}
-
-
 def with_backend(step: Step, backend: str) -> Callable[[], None]:
     def run() -> None:
         with use_backend(backend):
@@ -150,13 +146,14 @@ TORCH_OPS = "full, torch ops"
 def test_full_vs_baseline(benchmark):
     """Full model vs its plain baseline and the marginal cost of each component, all in this one run."""
     backend = "cpp" if DEVICE == "cpu" and "cpp" in available_backends("cpu") else "auto"
-    rounds = 6 if DEVICE == "cpu" else 20
+    rounds = 8 if DEVICE == "cpu" else 20
     steps = {"baseline": Step(**OFF), "full": Step()} | {f"without {k}": Step(**v) for k, v in WITHOUT.items()}
     runs = {name: with_backend(step, backend) for name, step in steps.items()}
     runs[TORCH_OPS] = with_backend(steps["full"], "torch")  # the same full step on the reference ops
     for run in runs.values():
         run()  # warm-up
-    seconds = interleaved_best_seconds(runs, rounds)
+    times = interleaved_times(runs, rounds)
+    seconds = {name: min(ts) for name, ts in times.items()}  # best of the rounds
     with use_backend(backend):
         split = stage_split(steps["full"])
         benchmark.pedantic(steps["full"], rounds=1, warmup_rounds=0)
@@ -165,13 +162,20 @@ def test_full_vs_baseline(benchmark):
     ratio = ips["full"] / ips["baseline"]
     cost = {k: (seconds["full"] - seconds[f"without {k}"]) * 1e3 for k in WITHOUT}
     speedup = torch_ops_s / seconds["full"]
+    # the same two figures per round (median and bootstrap interval over the rounds), not from the best times
+    ratio_paired = paired_speedup(times["baseline"], times["full"])
+    speedup_paired = paired_speedup(times[TORCH_OPS], times["full"])
     benchmark.extra_info.update(model=NAME, backend=backend, batch=BATCH, images_per_s=ips, ratio=ratio,
                                 target_ratio=TARGET_RATIO, meets_target=ratio >= TARGET_RATIO,
                                 marginal_ms=cost, forward_stage_ms=split, torch_ops_images_per_s=BATCH / torch_ops_s,
-                                speedup_vs_torch_ops=speedup)
+                                speedup_vs_torch_ops=speedup, ratio_paired=list(ratio_paired),
+                                speedup_vs_torch_ops_paired=list(speedup_paired), rounds=rounds)
     print(f"\n{NAME} batch {BATCH} on {DEVICE} ({backend}): full {ips['full']:.1f} img/s, baseline "
           f"{ips['baseline']:.1f} img/s, ratio {ratio:.2f} (target >= {TARGET_RATIO}); the full step on the torch "
           f"reference ops {BATCH / torch_ops_s:.1f} img/s ({backend} {speedup:.2f}x)")
+    print(f"  per round (median, 95% interval over {rounds} rounds): ratio {ratio_paired[0]:.3f} "
+          f"({ratio_paired[1]:.3f}-{ratio_paired[2]:.3f}), {backend} over the torch ops {speedup_paired[0]:.3f}x "
+          f"({speedup_paired[1]:.3f}-{speedup_paired[2]:.3f})")
     for k, ms in cost.items():
         print(f"  {k:16s} costs {ms:7.1f} ms of the {seconds['full'] * 1e3:.1f} ms step")
     for k, ms in split.items():
