@@ -598,14 +598,15 @@ def curve_rows(records: list[dict], seeds: dict[str, int]) -> tuple[list[tuple[i
         end = max(step for _, step, _ in curve)
         return {epoch: (step, m) for epoch, step, m in curve if step < end}
 
-    periodic = [before_end(c) for cs in per_variant.values() for c in cs]
-    epochs = sorted(set.intersection(*(set(p) for p in periodic)))
-    columns = [(e, round(statistics.median(p[e][0] for p in periodic))) for e in epochs]
+    periodic = {v: [before_end(c) for c in curves] for v, curves in per_variant.items()}
+    every = [p for ps in periodic.values() for p in ps]
+    epochs = sorted(set.intersection(*(set(p) for p in every)))
+    columns = [(e, round(statistics.median(p[e][0] for p in every))) for e in epochs]
     rows = []
     for v, curves in per_variant.items():
         ends = [max(curve, key=lambda x: x[1]) for curve in curves]
         rows.append({"variant": v, "seeds": len(curves),
-                     "at": {e: statistics.fmean(before_end(c)[e][1] for c in curves) for e in epochs},
+                     "at": {e: statistics.fmean(p[e][1] for p in periodic[v]) for e in epochs},
                      "last": statistics.fmean(m for _, _, m in ends), "last_steps": sorted({s for _, s, _ in ends})})
     return columns, rows
 
@@ -734,16 +735,17 @@ def write_report(plan: Plan, records: list[dict], budgets: dict, report: Path) -
     of the output folder (`report_plan`), whatever subset `plan` trained."""
     records = list(records)
     plan = report_plan(plan, records, budgets)
-    rows = summarize(records, {v: plan.seeds(v) for v in plan.variants}, budgets)
+    seeds = {v: plan.seeds(v) for v in plan.variants}
+    rows = summarize(records, seeds, budgets)
     report.parent.mkdir(parents=True, exist_ok=True)
     png = plot_rows(rows, report.with_suffix(".png"))
     old = report.read_text() if report.exists() else ""
     notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else NOTES_MARKER + "\n"
     commits = (c for r in rows for c in r["commits"])
-    steps, curves = curve_rows(records, {v: plan.seeds(v) for v in plan.variants})
-    equal_steps = [CURVE_NOTE, "", *curve_lines(steps, curves), ""] if curves else []
+    columns, curves = curve_rows(records, seeds)
+    equal_lengths = [CURVE_NOTE, "", *curve_lines(columns, curves), ""] if curves else []
     lines = [*header_lines(plan, budgets, report, commits), *table_lines(rows), "",
-             f"![occluded and whole-body mAP]({png.name})", "", *equal_steps, "Switches (`model.kwargs.<switch>`):",
+             f"![occluded and whole-body mAP]({png.name})", "", *equal_lengths, "Switches (`model.kwargs.<switch>`):",
              "", *switch_lines(plan.variants), ""]
     report.write_text("\n".join(lines) + "\n" + notes.rstrip("\n") + "\n")
     return report
