@@ -89,7 +89,7 @@ class AMFOR(nn.Module):
                  mask_ratio: float = 0.75, hpr_fusion: bool = False, hpr_fraction: float = 1.0, hpr_dim: int = 512,
                  hpr_depth: int = 1, hpr_heads: int = 8,
                  recon_dim: int = 512, recon_depth: int = 3, recon_heads: int = 8, recon_hide_prob: float = 0.25,
-                 recon_fill: bool = False,
+                 recon_fill: bool = False, recon_neck: str = "shared", recon_detach: bool = False,
                  # losses
                  loss_weights: Mapping[str, float] | None = None, triplet_margin: float | None = None,
                  label_smoothing: float = 0.0, parsing_smoothing: float = 0.1) -> None:
@@ -116,6 +116,9 @@ class AMFOR(nn.Module):
         if recon_fill and not part_recon:
             raise ValueError("recon_fill=True (rebuilt parts at inference) needs part_recon=True")
         self.recon_fill = bool(recon_fill)
+        if recon_neck not in ("shared", "own"):
+            raise ValueError(f"recon_neck must be 'shared' or 'own', got {recon_neck!r}")
+        self.recon_detach = bool(recon_detach)
 
         self.backbone = ReIDViT(img_size, patch_size, stride, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                                 mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, num_cameras=num_cameras,
@@ -139,6 +142,8 @@ class AMFOR(nn.Module):
             self.patch_decoder = MAEDecoder(D, self.backbone.num_patches, pixels, hpr_dim, hpr_depth, hpr_heads,
                                             num_prefix_tokens=1, normalize_input=True)  # M is not normalised
         self.part_reconstructor = PartReconstructor(D, P, recon_dim, recon_depth, recon_heads) if part_recon else None
+        # the rebuilt parts' identity classifier: the student's (`shared`) or their own BNNeck (`own`)
+        self.recon_neck = BNNeck(P * D, C) if part_recon and recon_neck == "own" else None
         self.camera_centering = self.teacher_centering = None
         if camera_centering:  # slots: [g, decoder outputs (P + 2), foreground] and the teacher's [P + 2, foreground]
             self.camera_centering = CameraCentering(num_cameras, 1 + (P + 3 if parts else 0), D, camera_momentum)
@@ -425,13 +430,20 @@ class AMFOR(nn.Module):
 
     def part_recon_losses(self, part: dict, vis: torch.Tensor, pids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rebuild the invisible parts and a random share of the visible ones; the visible ones hidden have a target
-        (the teacher's part feature, or the student's without a teacher, detached)."""
-        student = part["student"][:, 2:]
+        (the teacher's part feature, or the student's without a teacher, detached). With `recon_detach` the
+        reconstructor reads the student's parts and foreground detached: its losses train it (and its classifier)
+        only, not the features inference uses."""
+        student, foreground = part["student"][:, 2:], part["foreground"]
+        if self.recon_detach:
+            student, foreground = student.detach(), foreground.detach()
         visible = vis > 0.5
         drop = visible & (torch.rand(vis.shape, device=vis.device) < self.recon_hide_prob)
-        rebuilt = self.part_reconstructor(part["foreground"], student, ~visible | drop)
+        rebuilt = self.part_reconstructor(foreground, student, ~visible | drop)
         target = part.get("teacher", part["student"])[:, 2:].detach()
-        logits = self.parts_neck(rebuilt.flatten(1), track=False)[1]  # rebuilt parts: not what inference normalises
+        if self.recon_neck is not None:
+            logits = self.recon_neck(rebuilt.flatten(1))[1]
+        else:  # the student's classifier; the rebuilt parts are not what inference normalises: untracked
+            logits = self.parts_neck(rebuilt.flatten(1), track=False)[1]
         return {"id_recon": identity_loss(logits, pids, self.label_smoothing),
                 "part_reconstruction": feature_reconstruction_loss(rebuilt, target, drop.float())}
 

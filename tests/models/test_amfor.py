@@ -374,3 +374,36 @@ def test_thin_parts_are_visible_and_supervised(small):
         small.model(parsing_targets="majority")
     with pytest.raises(ValueError, match="visible_area"):
         small.model(visible_area=0)
+
+
+def only(*terms):
+    """Loss weights that keep `terms` and zero every other one."""
+    from amfor.models import LOSS_WEIGHTS
+
+    return {k: float(k in terms) for k in LOSS_WEIGHTS}
+
+
+def has_grad(module):
+    return any(p.grad is not None and bool(p.grad.any()) for p in module.parameters())
+
+
+@pytest.mark.parametrize("neck", ["shared", "own"])
+def test_the_rebuilt_parts_are_classified_by_the_student_neck_or_their_own(neck, batch, small):
+    model = small.model(recon_neck=neck, loss_weights=only("id_recon"))
+    train_step(model, batch)
+    assert (model.recon_neck is None) == (neck == "shared")
+    assert has_grad(model.parts_neck) == (neck == "shared")
+    if neck == "own":
+        assert has_grad(model.recon_neck) and model.recon_neck is not model.parts_neck
+    assert has_grad(model.part_reconstructor) and has_grad(model.backbone)
+    with pytest.raises(ValueError, match="recon_neck must be"):
+        small.model(recon_neck="separate")
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_recon_detach_keeps_the_part_level_losses_out_of_the_encoder(detach, batch, small):
+    model = small.model(recon_detach=detach, loss_weights=only("id_recon", "part_reconstruction"))
+    out = train_step(model, batch)
+    assert torch.isfinite(out["loss_id_recon"]) and torch.isfinite(out["loss_part_reconstruction"])
+    assert has_grad(model.part_reconstructor)
+    assert has_grad(model.backbone) != detach and has_grad(model.part_decoder) != detach
