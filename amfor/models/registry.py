@@ -7,7 +7,9 @@ Variants (SPEC-AMFOR "Shapes"; parameter counts in docs/model.md):
 - `amfor_vit_tiny_patch16`: for CPU: 128x64 input, width 192, 6 blocks, a 2-layer width-128 text tower and
   small decoders, sized for the default synthetic demo on a laptop CPU; trained from scratch there, with camera
   centring on (docs/model.md, "Cameras") and the HPR masked view on a quarter of the batch (`hpr_fraction=0.25`,
-  docs/model.md "HPR-Decoder, patch level"), both chosen on the validation split.
+  docs/model.md "HPR-Decoder, patch level") and the part-level reconstruction read from detached features and used
+  at test time (`recon_detach=True`, `recon_fill=True`: docs/model.md "HPR-Decoder, part level"), all chosen on
+  the validation split.
 """
 
 from __future__ import annotations
@@ -73,5 +75,6 @@ def amfor_vit_tiny_patch16(num_classes: int, num_cameras: int = 0, **overrides) 
                     drop_path_rate=0.05, camera_centering=num_cameras > 0, text_width=128, text_heads=2, text_layers=2,
                     text_dim=128,
                     fusion_points=(1, 2, 4), part_heads=4, part_ffn_dim=768, hpr_dim=128, hpr_depth=1, hpr_heads=4,
-                    hpr_fraction=0.25, recon_dim=128, recon_depth=1, recon_heads=4)
+                    hpr_fraction=0.25, recon_dim=128, recon_depth=1, recon_heads=4, recon_detach=True,
+                    recon_fill=bool(overrides.get("part_recon", True)))  # rebuilt parts at test time, where built
     return _build(defaults, num_classes, num_cameras, overrides)
