@@ -49,6 +49,15 @@ def test_variant_shapes_follow_the_spec():
     assert tiny.input_size == (128, 64) and tiny.backbone.embed_dim == 192
 
 
+def test_tiny_rebuilds_hidden_parts_at_test_time_only_where_it_has_the_part_level():
+    tiny = create_model("amfor_vit_tiny_patch16", num_classes=10)
+    assert tiny.recon_detach and tiny.recon_fill  # chosen on the validation split (docs/model.md)
+    without = create_model("amfor_vit_tiny_patch16", num_classes=10, part_recon=False)
+    assert without.part_reconstructor is None and not without.recon_fill
+    base = create_model("amfor_vit_base_patch16", num_classes=10)
+    assert not base.recon_detach and not base.recon_fill  # the spec's reading
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, batch", [("amfor_vit_tiny_patch16", 4), ("amfor_vit_small_patch16", 2),
                                          ("amfor_vit_base_patch16", 2)])
