@@ -431,8 +431,9 @@ class AMFOR(nn.Module):
     def part_recon_losses(self, part: dict, vis: torch.Tensor, pids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rebuild the invisible parts and a random share of the visible ones; the visible ones hidden have a target
         (the teacher's part feature, or the student's without a teacher, detached). With `recon_detach` the
-        reconstructor reads the student's parts and foreground detached: its losses train it (and its classifier)
-        only, not the features inference uses."""
+        reconstructor reads the student's parts and foreground detached: its losses reach only the reconstructor
+        and the neck that scores the rebuilt parts (the shared one's BN scale included), not the encoder or the
+        part decoder."""
         student, foreground = part["student"][:, 2:], part["foreground"]
         if self.recon_detach:
             student, foreground = student.detach(), foreground.detach()
