@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from amfor.models import SWITCHES
+from amfor.models import LOSS_WEIGHTS, SWITCHES
 from amfor.ops import available_backends, use_backend
 
 
@@ -378,8 +378,6 @@ def test_thin_parts_are_visible_and_supervised(small):
 
 def only(*terms):
     """Loss weights that keep `terms` and zero every other one."""
-    from amfor.models import LOSS_WEIGHTS
-
     return {k: float(k in terms) for k in LOSS_WEIGHTS}
 
 
