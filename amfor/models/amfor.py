@@ -84,7 +84,7 @@ class AMFOR(nn.Module):
                  # parts
                  num_parts: int = NUM_PARTS, part_heads: int = 8, part_ffn_dim: int = 3072, part_depth: int = 1,
                  flip_pairs: Sequence[tuple[int, int]] = FLIP_PAIRS, amgd_temperature: float = 4.0,
-                 parsing_targets: str = "soft", visible_area: float = 0.25,
+                 parsing_targets: str = "soft", visible_area: float = 0.25, teacher_id_share: float = 0.5,
                  # HPR
                  mask_ratio: float = 0.75, hpr_fusion: bool = False, hpr_fraction: float = 1.0, hpr_dim: int = 512,
                  hpr_depth: int = 1, hpr_heads: int = 8,
@@ -113,6 +113,10 @@ class AMFOR(nn.Module):
         if not visible_area > 0:
             raise ValueError(f"visible_area must be > 0 (a share of one token's window), got {visible_area}")
         self.parsing_targets, self.visible_area = parsing_targets, float(visible_area)
+        if not 0 <= teacher_id_share <= 1:
+            raise ValueError(f"teacher_id_share must be in [0, 1] (the teacher's share of the part identity losses), "
+                             f"got {teacher_id_share}")
+        self.teacher_id_share = float(teacher_id_share)
         if recon_fill and not part_recon:
             raise ValueError("recon_fill=True (rebuilt parts at inference) needs part_recon=True")
         self.recon_fill = bool(recon_fill)
@@ -419,8 +423,9 @@ class AMFOR(nn.Module):
             ce = F.cross_entropy(logits.flatten(0, 1).float(), pids.repeat(P + 2), reduction="none").view(P + 2, B)
             id_gran.append((ce.T * gran_w).sum() / gran_w.sum())
             gran[name] = (feats, logits)
-        losses["id_parts"] = sum(id_parts) / len(id_parts)
-        losses["id_granularity"] = sum(id_gran) / len(id_gran)
+        share = (1.0,) if len(passes) == 1 else (1 - self.teacher_id_share, self.teacher_id_share)
+        losses["id_parts"] = sum(w * x for w, x in zip(share, id_parts, strict=True))
+        losses["id_granularity"] = sum(w * x for w, x in zip(share, id_gran, strict=True))
         if self.amgd is not None:
             (s_feat, s_logit), (t_feat, t_logit) = gran["student"], gran["teacher"]
             losses["amgd"] = self.amgd(s_feat, t_feat.detach(), s_logit, t_logit.detach()).loss

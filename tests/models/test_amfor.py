@@ -405,3 +405,23 @@ def test_recon_detach_keeps_the_part_level_losses_out_of_the_encoder(detach, bat
     assert torch.isfinite(out["loss_id_recon"]) and torch.isfinite(out["loss_part_reconstruction"])
     assert has_grad(model.part_reconstructor)
     assert has_grad(model.backbone) != detach and has_grad(model.part_decoder) != detach
+
+
+def test_teacher_id_share_weighs_the_teacher_against_the_student(batch, small):
+    """id_parts and id_granularity are (1 - a) x student + a x teacher; a = 0.5 (the default) is their mean."""
+    model = small.model()
+    model.train()
+
+    def terms(share):
+        model.teacher_id_share = share
+        torch.manual_seed(1)  # the same teacher masks and masking noise for every share
+        out = model(batch["img"], batch["pid"], batch["camid"], batch["mask"], batch["occlusion"])
+        return torch.stack([out["loss_id_parts"], out["loss_id_granularity"]]).detach()
+
+    student, teacher = terms(0.0), terms(1.0)
+    assert not torch.allclose(student, teacher)  # the two passes differ, so the checks below can fail
+    for share in (0.5, 0.3):
+        assert torch.allclose(terms(share), (1 - share) * student + share * teacher, rtol=1e-5)
+    assert small.model().teacher_id_share == 0.5
+    with pytest.raises(ValueError, match="teacher_id_share must be in"):
+        small.model(teacher_id_share=1.5)
