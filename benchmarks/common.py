@@ -22,6 +22,17 @@ MODES = ("forward", "backward", "full")  # full = forward + backward
 QUICK = os.environ.get("AMFOR_BENCH_QUICK") == "1"  # headline sizes only (gpu_report --quick)
 
 
+def interleaved_rounds(default: int) -> int:
+    """Rounds of an interleaved comparison: $AMFOR_BENCH_ROUNDS when set (more rounds, a tighter interval), else
+    `default`."""
+    value = os.environ.get("AMFOR_BENCH_ROUNDS", "")
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 2:
+        raise ValueError(f"AMFOR_BENCH_ROUNDS must be an integer >= 2, got {value!r}")
+    return int(value)
+
+
 def skip_unless(device: str, backend: str, op: str | None = None) -> None:
     """Skip the benchmark, with the reason, when `backend` cannot run (`op`) on `device`."""
     require_backend(device, backend, op)

@@ -21,7 +21,7 @@ import torch
 
 from amfor.nn import MAEDecoder, apply_query_fusion_pool, masked_forward_features
 from amfor.ops import random_masking
-from benchmarks.common import REFERENCE, interleaved_times, measure, paired_speedup
+from benchmarks.common import REFERENCE, interleaved_rounds, interleaved_times, measure, paired_speedup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ARCH, SIZE, BATCH = ("vit_small_patch16_224", (256, 128), 64) if DEVICE == "cuda" else \
@@ -121,7 +121,7 @@ def test_dropin_training_step(benchmark, case, provider):
                  model=ARCH, batch=BATCH)
     benchmark.extra_info["images_per_s"] = BATCH / (ms * 1e-3)
     if provider != REFERENCE:
-        rounds = 12 if DEVICE == "cpu" else 40
+        rounds = interleaved_rounds(12 if DEVICE == "cpu" else 40)
         times = interleaved_times({REFERENCE: other, provider: step}, rounds)
         median, low, high = paired_speedup(times[REFERENCE], times[provider])
         benchmark.extra_info.update(paired_speedup=median, paired_speedup_ci=[low, high], paired_rounds=rounds)

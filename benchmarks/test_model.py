@@ -30,7 +30,14 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import amfor
 from amfor.ops import available_backends, use_backend
-from benchmarks.common import check_close, interleaved_times, measure, paired_speedup, peak_memory_bytes
+from benchmarks.common import (
+    check_close,
+    interleaved_rounds,
+    interleaved_times,
+    measure,
+    paired_speedup,
+    peak_memory_bytes,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAME = "amfor_vit_base_patch16" if DEVICE == "cuda" else "amfor_vit_tiny_patch16"
@@ -146,7 +153,7 @@ TORCH_OPS = "full, torch ops"
 def test_full_vs_baseline(benchmark):
     """Full model vs its plain baseline and the marginal cost of each component, all in this one run."""
     backend = "cpp" if DEVICE == "cpu" and "cpp" in available_backends("cpu") else "auto"
-    rounds = 8 if DEVICE == "cpu" else 20
+    rounds = interleaved_rounds(8 if DEVICE == "cpu" else 20)
     steps = {"baseline": Step(**OFF), "full": Step()} | {f"without {k}": Step(**v) for k, v in WITHOUT.items()}
     runs = {name: with_backend(step, backend) for name, step in steps.items()}
     runs[TORCH_OPS] = with_backend(steps["full"], "torch")  # the same full step on the reference ops

@@ -1,4 +1,4 @@
-"""benchmarks/common.py: the CPU peak-memory measure against allocations of known size."""
+"""benchmarks/common.py: the CPU peak-memory measure against allocations of known size, the interleaved rounds."""
 
 from __future__ import annotations
 
@@ -41,3 +41,16 @@ def test_interleaved_rounds_alternate_the_order_and_pair_the_times():
     assert paired_speedup([1.0] * 3, [2.0] * 3) == (0.5, 0.5, 0.5)
     with pytest.raises(ValueError, match="same number"):
         paired_speedup([1.0], [1.0, 2.0])
+
+
+def test_interleaved_rounds_reads_the_environment(monkeypatch):
+    from benchmarks.common import interleaved_rounds
+
+    monkeypatch.delenv("AMFOR_BENCH_ROUNDS", raising=False)
+    assert interleaved_rounds(8) == 8
+    monkeypatch.setenv("AMFOR_BENCH_ROUNDS", "30")
+    assert interleaved_rounds(8) == 30
+    for bad in ("1", "ten", "-4"):
+        monkeypatch.setenv("AMFOR_BENCH_ROUNDS", bad)
+        with pytest.raises(ValueError, match="AMFOR_BENCH_ROUNDS must be an integer >= 2"):
+            interleaved_rounds(8)
