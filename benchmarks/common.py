@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from amfor.engine.step_costs import interleaved_times  # noqa: F401  (re-exported: the benchmarks time pairs with it)
 from amfor.testing import require_backend
 
 # One vocabulary in every benchmark file: providers and modes.
@@ -82,23 +83,6 @@ def stats_median_ms(benchmark, fn: Callable[[], object], rounds: int = 3) -> flo
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
-
-
-def interleaved_times(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of every step in each of `rounds` rounds, the steps taken in turn within a round and in reverse
-    order every other round (A B, B A, ...), so that a drift of the machine's speed (10-30% within minutes on a
-    shared VM) and any cost of following another step reach every step alike. The caller synchronises the
-    device inside a step."""
-    import time
-
-    names = list(steps)
-    times = {name: [] for name in names}
-    for i in range(rounds):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            t = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 def paired_speedup(reference_s: list[float], new_s: list[float], resamples: int = 2000) -> tuple[float, float, float]:

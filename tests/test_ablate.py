@@ -316,6 +316,7 @@ def test_calibration_fixes_a_step_count_that_every_seed_then_runs(tiny_root, tmp
     entry = json.loads((out / "budgets.json").read_text())["variants"]["baseline"]
     assert entry["source"] == "calibration" and entry["steps"] >= 10 and entry["step_s"] > 0
     assert entry["img_s"] == pytest.approx(8 / entry["step_s"]) and entry["machine"]["torch"]
+    assert entry["fix_step"] == 8 + 48 and entry["cap_steps"] >= entry["steps"]  # what fit_to_step_costs needs
     assert not (out / "baseline" / "calibration" / "checkpoints").exists()
     (rec,) = read_jsonl(out / "results.jsonl")
     assert rec["steps"] == entry["steps"]
@@ -375,3 +376,92 @@ def test_the_equal_length_table_averages_the_curves_at_the_epochs_every_run_reac
     assert lines[2] == "| baseline | 2 | 0.200 | 0.300 | 0.400 (400) |"
     assert lines[3] == "| full | 1 | 0.200 | 0.500 | 0.550 (250) |"
     assert curve_rows([record("full", 0, 0.3)], {"full": 3}) == ([], []) and curve_lines([], []) == []
+
+
+# step costs: the calibration windows fitted to costs timed together ------------------------------------------------
+def test_fit_line_recovers_a_line_and_goes_through_the_origin_when_the_intercept_is_negative():
+    a, b = ablation.fit_line([0.2, 0.3, 0.5], [0.2 * 1.5 + 0.04, 0.3 * 1.5 + 0.04, 0.5 * 1.5 + 0.04])
+    assert (a, b) == (pytest.approx(1.5), pytest.approx(0.04))
+    a, b = ablation.fit_line([0.2, 0.3, 0.5], [0.1, 0.3, 0.7])  # free fit: 2.0 x - 0.3
+    assert b == 0.0 and a == pytest.approx((0.02 + 0.09 + 0.35) / (0.04 + 0.09 + 0.25))
+
+
+def test_calibrations_are_fitted_to_step_costs_timed_together_before_any_run(tmp_path, monkeypatch):
+    import amfor.engine.step_costs as step_costs
+
+    window = {"baseline": 0.30, "+camera": 0.36, "+parts": 0.40}  # +camera's window read a slow minute
+    cost = {"baseline": 0.25, "+camera": 0.25, "+parts": 0.35}
+    runs, timed = [], []
+
+    def calibrate(plan, variant):
+        return {"steps": 56 + int(100 / window[variant]), "step_s": window[variant], "img_s": 64 / window[variant],
+                "fix_step": 56, "cap_steps": 400, "batch_size": 64, "source": "calibration"}
+
+    def fake_costs(configs, rounds):
+        timed.append(sorted(configs))
+        assert all(c.model.kwargs.parts == (v == "+parts") for v, c in configs.items())  # each variant's switches
+        return {v: [cost[v]] * rounds for v in configs}
+
+    monkeypatch.setattr(ablation, "calibrate", calibrate)
+    monkeypatch.setattr(step_costs, "step_costs", fake_costs)
+    monkeypatch.setattr(ablation, "run_one", lambda plan, v, s, steps: runs.append((v, steps)) or
+                        {"variant": v, "seed": s, "occluded_mAP": 0.1, "whole_mAP": 0.2})
+    monkeypatch.setattr(ablation, "prepare_data", lambda plan: None)
+    plan = ablation.make_plan(tmp_path / "abl", only=list(window), seeds=1, budget_minutes=1)
+    assert ablation.run_ablation(plan) == []
+    budgets = json.loads((plan.output / "budgets.json").read_text())
+    fit = budgets["step_costs"]
+    a, b = ablation.fit_line([cost[v] for v in window], [window[v] for v in window])
+    assert (fit["a"], fit["b"]) == (pytest.approx(a), pytest.approx(b)) and fit["cost_s"] == cost
+    assert timed == [sorted(window)]
+    for v, e in budgets["variants"].items():
+        fitted = a * cost[v] + b
+        assert e["source"] == "calibration, fitted" and e["step_s"] == pytest.approx(fitted)
+        assert e["window_step_s"] == window[v] and e["window_steps"] == 56 + int(100 / window[v])
+        assert e["steps"] == 56 + int(int(100 / window[v]) * window[v] / fitted)
+    # baseline and +camera cost the same, so they get the same steps whatever their windows read
+    assert budgets["variants"]["baseline"]["steps"] == budgets["variants"]["+camera"]["steps"]
+    assert runs == [(v, budgets["variants"][v]["steps"]) for v in window]
+    header = ablation.header_lines(plan, budgets, tmp_path / "r.md")[2]
+    assert "a line through the windows of 3 variants" in header and "10 interleaved rounds" in header
+    ablation.run_ablation(plan)  # nothing left to calibrate, fit or run
+    assert timed == [sorted(window)] and len(runs) == 3
+
+
+def test_a_started_variant_keeps_its_step_count(tmp_path, monkeypatch):
+    import amfor.engine.step_costs as step_costs
+
+    monkeypatch.setattr(step_costs, "step_costs", lambda configs, rounds: pytest.fail("fitted a started variant"))
+    plan = ablation.make_plan(tmp_path / "abl", only=["baseline", "+camera", "+parts"], seeds=1, budget_minutes=1)
+    budgets = {"variants": {v: {"steps": 300, "step_s": 0.3, "img_s": 213.0, "fix_step": 56, "batch_size": 64,
+                                "source": "calibration"} for v in plan.variants}}
+    plan.run_dir("+parts", 0).mkdir(parents=True)  # +parts seed 0 began with 300 steps: the others are too few
+    done = {("+camera", 0): {}}
+    started = [v for v in plan.variants if not ablation.not_started(plan, v, done)]
+    assert started == ["+camera", "+parts"]
+    ablation.fit_to_step_costs(plan, budgets, [v for v in plan.variants if v not in started])
+    assert "step_costs" not in budgets and budgets["variants"]["baseline"]["steps"] == 300
+
+
+@pytest.mark.slow
+def test_step_costs_time_every_configuration_in_the_same_rounds(tiny_root):
+    import torch
+
+    from amfor.engine.runner import build_data
+    from amfor.engine.step_costs import TrainingStep, median_costs, step_costs, training_batch
+
+    plan = ablation.make_plan("unused", steps=2, overrides=tiny_sets(tiny_root))
+    configs = {v: ablation.variant_config(plan, v) for v in ("baseline", "+parts")}
+    times = step_costs(configs, rounds=3, warmup=1)
+    assert list(times) == ["baseline", "+parts"] and all(len(t) == 3 and min(t) > 0 for t in times.values())
+    assert median_costs(times) == {v: sorted(t)[1] for v, t in times.items()}
+    data = build_data(configs["+parts"])
+    batch = training_batch(data, configs["+parts"], (128, 64))
+    assert batch["img"].shape == (8, 3, 128, 64) and set(batch) >= {"pid", "camid", "mask", "occlusion"}
+    step = TrainingStep(configs["+parts"], data.num_train_pids, data.num_train_cams, batch)
+    before = [p.detach().clone() for p in step.model.parameters() if p.requires_grad]
+    step()
+    after = [p for p in step.model.parameters() if p.requires_grad]
+    assert any(not torch.equal(x, y) for x, y in zip(before, after, strict=True))  # the optimiser stepped
+    with pytest.raises(ValueError, match="at least one configuration"):
+        step_costs({})

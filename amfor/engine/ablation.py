@@ -12,6 +12,10 @@ Budgets are step counts, not clocks: a run that stops on the clock depends on ho
 be, so its seed cannot be repeated. Each variant's speed is measured once, by the engine's own BudgetHook (the
 first seed's run with `train.max_minutes` set, stopped as soon as the hook has fixed `train.max_steps`); then
 every seed runs `train.max_steps=N train.max_minutes=0`, which `python -m amfor.train` repeats exactly.
+The calibration windows, taken one variant after another, also read the machine's drift (10-30% within minutes
+here): when three or more variants are calibrated before any of their seeds runs, their training steps are timed
+together in interleaved rounds (amfor.engine.step_costs) and each window's step time is replaced by a line fitted
+through all of them against those costs (`fit_to_step_costs`; budgets.json keeps both).
 """
 
 from __future__ import annotations
@@ -348,9 +352,74 @@ def calibrate(plan: Plan, variant: str) -> dict:
                         f"{resolved.max_steps}; see {console}")
     logger.info("%s: %d stage-2 steps (%.3f s/step)", variant, record["max_steps"], record["step_s"])
     return {"steps": int(record["max_steps"]), "img_s": resolved.batch_size / record["step_s"],
-            "step_s": record["step_s"], "eval_s_per_image": record["eval_s_per_image"],
+            "step_s": record["step_s"], "eval_s_per_image": record["eval_s_per_image"], "fix_step": record["step"],
+            "cap_steps": record.get("cap_steps"), "batch_size": resolved.batch_size,
             "budget_minutes": plan.budget_minutes, "source": "calibration", "calibration_dir": str(run_dir),
             "machine": machine(), "date": f"{datetime.now():%Y-%m-%d %H:%M}"}
+
+
+# --- step costs: the calibration windows fitted to costs timed together -----------------------------------
+COST_ROUNDS = 10  # interleaved rounds of every calibrated variant's training step
+MIN_FIT_VARIANTS = 3  # fewer calibrated together: each keeps its own window
+
+
+def fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Least-squares (a, b) of y = a x + b; through the origin (b = 0) where the free fit has b < 0."""
+    n, mx, my = len(x), statistics.fmean(x), statistics.fmean(y)
+    sxx = sum((v - mx) ** 2 for v in x)
+    a = sum((u - mx) * (v - my) for u, v in zip(x, y, strict=True)) / sxx if sxx > 0 else 0.0
+    b = my - a * mx
+    if n < 2 or a <= 0 or b < 0:
+        a, b = sum(u * v for u, v in zip(x, y, strict=True)) / sum(u * u for u in x), 0.0
+    return a, b
+
+
+def variant_config(plan: Plan, variant: str):
+    """The resolved config of `variant`'s runs (the seed-0 run's, less the step budget)."""
+    return build_config(plan.config, [*plan.overrides, *(f"model.kwargs.{k}={str(on).lower()}"
+                                                         for k, on in VARIANTS[variant].items())])
+
+
+def not_started(plan: Plan, variant: str, done: dict) -> bool:
+    """No seed of `variant` has finished or begun (a run folder): its step count may still be re-fixed."""
+    return (not any(v == variant for v, _ in done)
+            and not any(plan.run_dir(variant, s).exists() for s in range(plan.seeds(variant))))
+
+
+def fit_to_step_costs(plan: Plan, budgets: dict, variants: Iterable[str]) -> None:
+    """Re-fix the calibrated step counts of `variants` from step costs timed together.
+
+    `variants`: those whose seeds have not started (`not_started`): a step count some run already trains is never
+    changed, and an ablation interrupted between its calibrations and the fit fits when resumed. Each calibration
+    window (48 steps of a real run) reads the variant's step time and the machine's speed of that
+    minute, which drifts 10-30%. All these variants' training steps are then timed in the same interleaved rounds
+    (amfor.engine.step_costs: the model alone, one batch, no loader), which orders them without the drift, and a
+    line window_s = a * cost + b through all of them (a: this machine's speed in the real loop, b: the loader's share
+    of a step) gives each variant its fitted step time. The time the window left for steps after it is kept, so
+    steps = fix_step + (steps - fix_step) * window_s / fitted_s. Fewer than MIN_FIT_VARIANTS: nothing changes."""
+    from .step_costs import median_costs, step_costs
+
+    entries = {v: e for v in variants if (e := budgets["variants"].get(v, {})).get("source") == "calibration"
+               and "fix_step" in e}
+    if len(entries) < MIN_FIT_VARIANTS:
+        return
+    logger.info("timing the training steps of %d variants together (%d rounds) to fit their calibrations",
+                len(entries), COST_ROUNDS)
+    cost = median_costs(step_costs({v: variant_config(plan, v) for v in entries}, rounds=COST_ROUNDS))
+    window = {v: e["step_s"] for v, e in entries.items()}
+    a, b = fit_line([cost[v] for v in entries], [window[v] for v in entries])
+    residuals = [window[v] - (a * cost[v] + b) for v in entries]
+    for v, e in entries.items():
+        fitted = a * cost[v] + b
+        steps = e["fix_step"] + int((e["steps"] - e["fix_step"]) * window[v] / fitted)
+        steps = min(steps, e["cap_steps"]) if e.get("cap_steps") else steps
+        logger.info("%s: %d stage-2 steps (window %.3f s/step, fitted %.3f)", v, steps, window[v], fitted)
+        e.update(window_steps=e["steps"], window_step_s=window[v], window_img_s=e["img_s"], step_cost_s=cost[v],
+                 step_s=fitted, img_s=e["batch_size"] / fitted, steps=steps, source="calibration, fitted")
+    budgets["step_costs"] = {"variants": sorted(entries), "rounds": COST_ROUNDS, "cost_s": cost, "a": a, "b": b,
+                             "rms_residual_s": math.sqrt(statistics.fmean(r * r for r in residuals)),
+                             "machine": machine(), "date": f"{datetime.now():%Y-%m-%d %H:%M}"}
+    save_budgets(plan.output, budgets)
 
 
 def budget_of(plan: Plan, variant: str, budgets: dict) -> int:
@@ -459,6 +528,7 @@ def run_ablation(plan: Plan, report: Path | None = None) -> list[str]:
                 broken.add(variant)  # none of its seeds can run
                 failures.append(str(exc))
                 logger.error("%s", exc)
+        fit_to_step_costs(plan, budgets, [v for v in plan.variants if v not in broken and not_started(plan, v, done)])
     for variant, seed in todo:
         if variant in broken:
             continue
@@ -674,6 +744,12 @@ def header_lines(plan: Plan, budgets: dict, report: Path, commits: Iterable[str]
     else:
         budget = (f"{plan.budget_minutes:g} minutes per run (imports, data, stage 1, stage 2 and evaluation), fixed "
                   f"once per variant as a stage-2 step count by calibration on the machine below: {steps}")
+        fit = budgets.get("step_costs")
+        if fit and any(e.get("source") == "calibration, fitted" for e in entries.values()):
+            budget += (f" (each calibration window's step time replaced by a line through the windows of "
+                       f"{len(fit['variants'])} variants against their training steps timed together in "
+                       f"{fit['rounds']} interleaved rounds: window = {fit['a']:.3f} x cost + {1e3 * fit['b']:.0f} ms, "
+                       f"RMS residual {1e3 * fit['rms_residual_s']:.0f} ms; `budgets.json` keeps both)")
     machines = sorted({describe_machine(e["machine"]) for e in entries.values() if "machine" in e}) or ["unknown"]
     dates = sorted({e["date"] for e in entries.values() if "date" in e})
     when = f" (step counts fixed {' to '.join(dict.fromkeys([dates[0], dates[-1]]))})" if dates else ""

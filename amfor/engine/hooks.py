@@ -215,14 +215,14 @@ class BudgetHook(HookBase):
         step_s = (now - self._t0) / (t.step - self._s0)
         eval_s_per_image = self.measure_eval()
         remaining = self.deadline - time.time() - self.overhead_s
-        steps = t.max_steps
+        steps = cap = t.max_steps
         for _ in range(3):  # the number of validation runs depends on the steps: iterate to a fixed point
             eval_s = self.eval_images(steps) * eval_s_per_image
             steps = min(t.max_steps, t.step + max(0, int((remaining * (1 - self.margin) - eval_s) / step_s)))
         steps = du.broadcast_object(max(steps, t.step))
         self.done = True
         info = {"step_s": step_s, "eval_s_per_image": eval_s_per_image, "measured_steps": t.step - self._s0,
-                "remaining_s": remaining}
+                "remaining_s": remaining, "cap_steps": cap}
         t.max_steps = steps
         t.scheduler.total_steps = steps
         self.on_fixed(steps, info)

@@ -1,0 +1,101 @@
+"""Training-step costs of several model configurations, timed together in one process.
+
+A wall-clock budget becomes a step count through each configuration's step time. One timing window per
+configuration, taken minutes apart, reads the machine's drift as much as the configuration: on the shared two-core
+VM the same step drifts 10-30% within minutes. Here every configuration takes a stage-2 training step (forward,
+backward, optimiser update) in turn, round after round, in reverse order every other round (A B C, C B A, ...), on
+the same real training batch, so that a drift reaches every configuration alike; the median over the rounds is the
+configuration's cost. `amfor.engine.ablation` fits its calibration windows to these costs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+from omegaconf import DictConfig
+
+from .data import build_epoch_loader
+from .optim import build_stage2_optimizer
+from .runner import amp_dtype, build_data, create_model
+
+
+def interleaved_times(steps: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of every step in each of `rounds` rounds, the steps taken in turn within a round and in reverse
+    order every other round (A B, B A, ...), so that a drift of the machine's speed and any cost of following
+    another step reach every step alike. The caller synchronises the device inside a step."""
+    names = list(steps)
+    times = {name: [] for name in names}
+    for i in range(rounds):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def training_batch(data, cfg: DictConfig, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The first stage-2 batch of `cfg`'s training loader over `data` (no worker processes): img, pid, camid, mask,
+    occlusion."""
+    loader = build_epoch_loader(data, cfg, size, rank=0, world=1, num_workers=0)
+    try:
+        return next(iter(loader.epoch_iter(0, 0)))
+    finally:
+        loader.close()
+
+
+class TrainingStep:
+    """One configuration's stage-2 training step on a fixed batch, as Stage2Trainer takes it: the model in train
+    mode, the stage-1 (text) parameters frozen, the stage-2 optimiser, autocast as `train.amp` says."""
+
+    def __init__(self, cfg: DictConfig, num_classes: int, num_cameras: int, batch: dict[str, torch.Tensor]) -> None:
+        torch.manual_seed(cfg.train.seed)
+        self.model = create_model(cfg, num_classes, num_cameras)
+        self.model.finish_stage1()
+        if getattr(self.model, "has_text", False):
+            for p in self.model.stage1_parameters():
+                p.requires_grad_(False)
+        self.optimizer = build_stage2_optimizer(self.model, cfg.train)
+        dtype = amp_dtype(cfg.train.amp, torch.device("cpu"))
+        self.autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
+        masks = batch["mask"] if cfg.data.load_masks and bool((batch["mask"] >= 0).any()) else None
+        self.inputs = (batch["img"], batch["pid"], batch["camid"], masks, batch["occlusion"])
+
+    def __call__(self) -> None:
+        self.model.train()
+        with self.autocast():
+            loss = self.model(*self.inputs)["loss"]
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(f"the timed training step gave a non-finite loss ({float(loss)})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def step_costs(configs: Mapping[str, DictConfig], rounds: int = 10, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per round of each configuration's training step (CPU), all timed in the same rounds.
+
+    configs: name -> resolved config (one dataset for all: the first's). `warmup` untimed steps each first."""
+    if not configs:
+        raise ValueError("step_costs needs at least one configuration")
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"rounds must be >= 1 and warmup >= 0, got {rounds} and {warmup}")
+    first = next(iter(configs.values()))
+    data = build_data(first)
+    num_classes, num_cameras = data.num_train_pids, data.num_train_cams
+    probe = create_model(first, num_classes, num_cameras)
+    batch = training_batch(data, first, tuple(probe.input_size))
+    del probe
+    steps = {name: TrainingStep(cfg, num_classes, num_cameras, batch) for name, cfg in configs.items()}
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    return interleaved_times(steps, rounds)
+
+
+def median_costs(times: Mapping[str, list[float]]) -> dict[str, float]:
+    """name -> the median of its per-round seconds."""
+    return {name: statistics.median(ts) for name, ts in times.items()}
