@@ -359,7 +359,7 @@ def calibrate(plan: Plan, variant: str) -> dict:
 
 
 # --- step costs: the calibration windows fitted to costs timed together -----------------------------------
-COST_ROUNDS = 10  # interleaved rounds of every calibrated variant's training step
+COST_ROUNDS = 20  # interleaved rounds of every calibrated variant's training step
 MIN_FIT_VARIANTS = 3  # fewer calibrated together: each keeps its own window
 
 
@@ -745,7 +745,7 @@ def header_lines(plan: Plan, budgets: dict, report: Path, commits: Iterable[str]
         budget = (f"{plan.budget_minutes:g} minutes per run (imports, data, stage 1, stage 2 and evaluation), fixed "
                   f"once per variant as a stage-2 step count by calibration on the machine below: {steps}")
         fit = budgets.get("step_costs")
-        if fit and any(e.get("source") == "calibration, fitted" for e in entries.values()):
+        if fit and any("window_step_s" in e for e in entries.values()):
             budget += (f" (each calibration window's step time replaced by a line through the windows of "
                        f"{len(fit['variants'])} variants against their training steps timed together in "
                        f"{fit['rounds']} interleaved rounds: window = {fit['a']:.3f} x cost + {1e3 * fit['b']:.0f} ms, "
