@@ -92,6 +92,11 @@ def reference(variant: str) -> str | None:
     return "baseline" if variant.startswith("+") else "full" if variant.startswith("full-") else None
 
 
+def switch_overrides(variant: str) -> list[str]:
+    """`--set` items of `variant`'s switches: model.kwargs.<switch>=true|false."""
+    return [f"model.kwargs.{k}={str(on).lower()}" for k, on in VARIANTS[variant].items()]
+
+
 def check_variants(names: Iterable[str]) -> list[str]:
     """`names` in the table's order; an unknown one -> ConfigError naming the closest valid name."""
     names = list(dict.fromkeys(names))
@@ -151,7 +156,7 @@ class Plan:
                    run_dir: Path | None = None) -> list[str]:
         """`python -m amfor.train` arguments of one run: settings, the variant's switches, seed and budget."""
         config = ["--config", self.config] if self.config else []
-        switches = [f"model.kwargs.{k}={str(on).lower()}" for k, on in VARIANTS[variant].items()]
+        switches = switch_overrides(variant)
         budget = [f"train.seed={seed}", f"train.max_steps={steps}", f"train.max_minutes={minutes:g}"]
         out = run_dir if run_dir is not None else self.run_dir(variant, seed)
         return [*config, "--set", *self.overrides, *switches, *budget, "--output", str(out)]
@@ -376,8 +381,7 @@ def fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
 
 def variant_config(plan: Plan, variant: str):
     """The resolved config of `variant`'s runs (the seed-0 run's, less the step budget)."""
-    return build_config(plan.config, [*plan.overrides, *(f"model.kwargs.{k}={str(on).lower()}"
-                                                         for k, on in VARIANTS[variant].items())])
+    return build_config(plan.config, [*plan.overrides, *switch_overrides(variant)])
 
 
 def not_started(plan: Plan, variant: str, done: dict) -> bool:

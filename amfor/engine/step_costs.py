@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from .data import build_epoch_loader
 from .optim import build_stage2_optimizer
 from .runner import amp_dtype, build_data, create_model
+from .trainer import stage2_inputs
 
 
 def interleaved_times(steps: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
@@ -49,9 +50,11 @@ def training_batch(data, cfg: DictConfig, size: tuple[int, int]) -> dict[str, to
 
 class TrainingStep:
     """One configuration's stage-2 training step on a fixed batch, as Stage2Trainer takes it: the model in train
-    mode, the stage-1 (text) parameters frozen, the stage-2 optimiser, autocast as `train.amp` says."""
+    mode, the stage-1 (text) parameters frozen, the stage-2 optimiser, autocast as `train.amp` says. The batch is
+    given here or later (`use_batch`), once the model's input size is known."""
 
-    def __init__(self, cfg: DictConfig, num_classes: int, num_cameras: int, batch: dict[str, torch.Tensor]) -> None:
+    def __init__(self, cfg: DictConfig, num_classes: int, num_cameras: int,
+                 batch: dict[str, torch.Tensor] | None = None) -> None:
         torch.manual_seed(cfg.train.seed)
         self.model = create_model(cfg, num_classes, num_cameras)
         self.model.finish_stage1()
@@ -61,8 +64,12 @@ class TrainingStep:
         self.optimizer = build_stage2_optimizer(self.model, cfg.train)
         dtype = amp_dtype(cfg.train.amp, torch.device("cpu"))
         self.autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
-        masks = batch["mask"] if cfg.data.load_masks and bool((batch["mask"] >= 0).any()) else None
-        self.inputs = (batch["img"], batch["pid"], batch["camid"], masks, batch["occlusion"])
+        self.use_masks, self.inputs = cfg.data.load_masks, None
+        if batch is not None:
+            self.use_batch(batch)
+
+    def use_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        self.inputs = stage2_inputs(batch, torch.device("cpu"), self.use_masks)
 
     def __call__(self) -> None:
         self.model.train()
@@ -86,11 +93,10 @@ def step_costs(configs: Mapping[str, DictConfig], rounds: int = 10, warmup: int 
     first = next(iter(configs.values()))
     data = build_data(first)
     num_classes, num_cameras = data.num_train_pids, data.num_train_cams
-    probe = create_model(first, num_classes, num_cameras)
-    batch = training_batch(data, first, tuple(probe.input_size))
-    del probe
-    steps = {name: TrainingStep(cfg, num_classes, num_cameras, batch) for name, cfg in configs.items()}
+    steps = {name: TrainingStep(cfg, num_classes, num_cameras) for name, cfg in configs.items()}
+    batch = training_batch(data, first, tuple(next(iter(steps.values())).model.input_size))
     for step in steps.values():
+        step.use_batch(batch)
         for _ in range(warmup):
             step()
     return interleaved_times(steps, rounds)

@@ -226,6 +226,16 @@ class Stage1Trainer(_Optimised):
         self.record({**out, **extra})
 
 
+def stage2_inputs(batch: dict, device: torch.device, use_masks: bool = True) -> tuple:
+    """A loader batch -> the model's training arguments (img, pid, camid, masks, occlusion) on `device`; masks
+    None when not used or when no image of the batch has one."""
+    nb = device.type == "cuda"
+    mask = batch["mask"]
+    masks = mask.to(device, non_blocking=nb) if use_masks and bool((mask >= 0).any()) else None
+    return (batch["img"].to(device, non_blocking=nb), batch["pid"].to(device, non_blocking=nb),
+            batch["camid"].to(device, non_blocking=nb), masks, batch["occlusion"].to(device, non_blocking=nb))
+
+
 class Stage2Trainer(_Optimised):
     """The full model on augmented PK batches: `model(img, pid, camid, masks=, occlusion=)` -> loss dict."""
 
@@ -247,16 +257,9 @@ class Stage2Trainer(_Optimised):
         self.model.train()
         self._iter = self.loader.epoch_iter(self.epoch, self.batch)
 
-    def inputs(self, batch: dict) -> tuple:
-        dev, nb = self.device, self.device.type == "cuda"
-        mask = batch["mask"]
-        masks = mask.to(dev, non_blocking=nb) if self.use_masks and bool((mask >= 0).any()) else None
-        return (batch["img"].to(dev, non_blocking=nb), batch["pid"].to(dev, non_blocking=nb),
-                batch["camid"].to(dev, non_blocking=nb), masks, batch["occlusion"].to(dev, non_blocking=nb))
-
     def run_step(self) -> None:
         self.scheduler.step_to(self.step)
-        img, pid, camid, masks, occ = self.inputs(next(self._iter))
+        img, pid, camid, masks, occ = stage2_inputs(next(self._iter), self.device, self.use_masks)
         with self.autocast():
             out = self.model(img, pid, camid, masks=masks, occlusion=occ)
         extra = self.optimise(out["loss"])
