@@ -24,16 +24,9 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
-from .engine.ablation import (
-    VARIANTS,
-    load_budgets,
-    load_results,
-    make_plan,
-    run_ablation,
-    status_lines,
-    stored_plan,
-    write_report,
-)
+from .engine.ablation import load_budgets, load_results, make_plan, run_ablation, status_lines, stored_plan
+from .engine.ablation_report import write_report
+from .engine.ablation_variants import VARIANTS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from amfor.ablate import main
-from amfor.engine import ablation
-from amfor.engine.ablation import VARIANTS, curve_lines, curve_rows, delta, mean_std, read_jsonl, summarize, table_lines
+from amfor.engine import ablation, ablation_report
+from amfor.engine.ablation import read_jsonl
+from amfor.engine.ablation_report import curve_lines, curve_rows, delta, mean_std, summarize, table_lines
+from amfor.engine.ablation_variants import VARIANTS
 from amfor.models.amfor import AMFOR, SWITCHES
 
 VARIANT_PAIR = ["baseline", "+parts"]  # the two cheapest variants (no text tower, so no stage 1)
@@ -92,7 +94,7 @@ def test_two_variants_write_records_a_report_and_a_png(ablated):
     assert rows[1].startswith("| baseline | 1/1 seeds | 2 |") and rows[2].startswith("| +parts | 1/1 seeds | 2 |")
     expected = f"{100 * (records[1]['occluded_mAP'] - records[0]['occluded_mAP']):+.2f} vs baseline"
     assert expected in rows[2] and "n/a (< 2 seeds)" in rows[2]
-    assert ablation.CURVE_NOTE in report
+    assert ablation_report.CURVE_NOTE in report
     curve_table = [line for line in rows if re.match(r"\| \S+ \| 1 \| .* \(2\) \|$", line)]
     assert [line.split(" | ")[0] for line in curve_table] == ["| baseline", "| +parts"]  # one seed, last step 2
     png = (ablated / "report.png").read_bytes()
@@ -201,8 +203,8 @@ def test_report_only_rebuilds_the_same_table(ablated, capsys):
     assert main(["--report-only", "--only", *VARIANT_PAIR, "--seeds", "1", "--output", str(ablated),
                  "--report", str(again)]) == 0
     text = again.read_text()
-    assert text.endswith(ablation.NOTES_MARKER + "\nFindings: written by hand.\n")  # hand-written notes are kept
-    assert table_of(again) == table_of(ablated / "report.md") and text.count(ablation.NOTES_MARKER) == 1
+    assert text.endswith(ablation_report.NOTES_MARKER + "\nFindings: written by hand.\n")  # hand-written notes are kept
+    assert table_of(again) == table_of(ablated / "report.md") and text.count(ablation_report.NOTES_MARKER) == 1
 
 
 # (5) ------------------------------------------------------------------------------------------------------
@@ -422,7 +424,7 @@ def test_calibrations_are_fitted_to_step_costs_timed_together_before_any_run(tmp
     # baseline and +camera cost the same, so they get the same steps whatever their windows read
     assert budgets["variants"]["baseline"]["steps"] == budgets["variants"]["+camera"]["steps"]
     assert runs == [(v, budgets["variants"][v]["steps"]) for v in window]
-    header = ablation.header_lines(plan, budgets, tmp_path / "r.md")[2]
+    header = ablation_report.header_lines(plan, budgets, tmp_path / "r.md")[2]
     assert "a line through the windows of 3 variants" in header
     assert f"{ablation.COST_ROUNDS} interleaved rounds" in header
     ablation.run_ablation(plan)  # nothing left to calibrate, fit or run
