@@ -39,7 +39,9 @@ OP_OF_TEST = {"test_query_fusion_op": "query_fusion", "test_query_fusion_module"
 STEPS = {"test_training_step": ("model_step", ("config",), "backend", "torch"),
          "test_dropin_training_step": ("dropin_step", ("case",), "provider", REFERENCE),
          "test_end_to_end": ("end_to_end", ("mode", "config"), "provider", REFERENCE)}
-INTERLEAVED = "test_full_vs_baseline"  # test_model.py: every configuration in one run, best of N rounds
+# test_model.py, each one interleaved run rendered as lines: every configuration (best of N rounds), and the
+# ops' share of the full step
+INTERLEAVED = ("test_full_vs_baseline", "test_op_share")
 # ops whose benchmark records no bytes: what one call processes, and its unit
 ITEMS = {"query_fusion_module": ("tokens/s", lambda info: info["B"] * info["L"] * info["N"])}
 
@@ -185,11 +187,11 @@ def latest_rows(runs: list[Run]) -> list[tuple[Run, dict]]:
 # Normalising: one Result per benchmark
 # ---------------------------------------------------------------------------------------------------------
 def normalise(pairs: list[tuple[Run, dict]]) -> tuple[list[Result], list[tuple[Run, dict]]]:
-    """Results of the op and step benchmarks, and the interleaved model runs (test_full_vs_baseline) apart."""
+    """Results of the op and step benchmarks, and the interleaved model runs (INTERLEAVED) apart."""
     results, interleaved = [], []
     for run, row in pairs:
         test = row["name"].split("[")[0]
-        if test == INTERLEAVED:
+        if test in INTERLEAVED:
             interleaved.append((run, row))
         else:
             results.append(_result(test, run, row))
@@ -440,11 +442,30 @@ def _table_order(results: list[Result]) -> list[Result]:
                                           r.provider != reference_of(r), providers.index(r.provider), r.machine))
 
 
+def op_share_lines(run: Run, info: dict) -> list[str]:
+    """test_op_share: each op's replayed calls per backend, ms per step, and the share of the whole step."""
+    op_ms, total = info.get("op_ms") or {}, info.get("total_ms") or {}
+    if not op_ms or not total:
+        return []
+    per_op = "; ".join(f"{op} ({info.get('calls', {}).get(op, '?')} calls) "
+                       + ", ".join(f"{b} {ms:.2f}" for b, ms in by_backend.items()) for op, by_backend in op_ms.items())
+    return [f"- {run.machine}, `{info.get('model', '?')}` batch {info.get('batch', '?')}: the fused ops' calls of one "
+            f"full step, replayed alone (forward + backward, median of {info.get('rounds', '?')} interleaved rounds "
+            f"with the step), take " + ", ".join(f"{b} {ms:.1f} ms ({100 * info['share'][b]:.1f}%)"
+                                                 for b, ms in total.items())
+            + f" of the {info['step_ms']:.1f} ms step (`{info.get('step_backend', '?')}`)",
+            f"  - ms per step: {per_op}"]
+
+
 def interleaved_lines(interleaved: list[tuple[Run, dict]]) -> list[str]:
-    """test_full_vs_baseline: images/s of every configuration in one run, the ratio and each component's cost."""
+    """test_full_vs_baseline: images/s of every configuration in one run, the ratio and each component's cost;
+    test_op_share: the ops' share of the full step."""
     lines = []
     for run, row in interleaved:
         info = row["info"]
+        if row.get("name", "").split("[")[0] == "test_op_share":
+            lines += op_share_lines(run, info)
+            continue
         ips = info.get("images_per_s") or {}
         if not isinstance(ips, dict) or not ips:
             continue

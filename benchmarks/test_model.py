@@ -21,6 +21,7 @@ GPU: `amfor_vit_base_patch16` at 256x128, batch 64, bf16 autocast. A step is for
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 
 import pytest
@@ -38,6 +39,7 @@ from benchmarks.common import (
     paired_speedup,
     peak_memory_bytes,
 )
+from benchmarks.op_calls import OPS, capture_op_calls, output_grads, replay
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAME = "amfor_vit_base_patch16" if DEVICE == "cuda" else "amfor_vit_tiny_patch16"
@@ -187,6 +189,54 @@ def test_full_vs_baseline(benchmark):
         print(f"  {k:16s} costs {ms:7.1f} ms of the {seconds['full'] * 1e3:.1f} ms step")
     for k, ms in split.items():
         print(f"  forward {k:20s} {ms:7.1f} ms")
+
+
+def test_op_share(benchmark):
+    """The fused ops' share of the full training step: every op call of one step, replayed alone (forward and
+    backward) on each backend, timed in the same interleaved rounds as the step itself."""
+    backends = [b for b in ("torch", "cpp", "cuda", "triton")
+                if b in available_backends(DEVICE) and not (DEVICE == "cpu" and b == "triton")]
+    step_backend = "cpp" if "cpp" in backends else "auto"
+    step = Step()
+    with use_backend(step_backend), capture_op_calls() as calls:
+        step()
+    counts = {op: sum(c.op == op for c in calls) for op in OPS}
+    missing = [op for op, n in counts.items() if n == 0]
+    assert not missing, (f"the full step made no {missing} call: benchmarks/op_calls.py SITES no longer lists "
+                         "every place the model imports the ops from")
+    grads = output_grads(calls)
+    expected = replay(calls, grads, "torch")()
+    for backend in backends[1:]:
+        for i, ((out, dx), (ref, ref_dx)) in enumerate(zip(replay(calls, grads, backend)(), expected, strict=True)):
+            check_close(out, ref, f"{backend} {calls[i].op} call {i}")
+            for j, (a, b) in enumerate(zip(dx, ref_dx, strict=True)):
+                if b is not None:
+                    check_close(a, b, f"{backend} {calls[i].op} call {i} input gradient {j}")
+    runs = {}
+    for op in OPS:
+        picked = [i for i, c in enumerate(calls) if c.op == op]
+        for backend in backends:
+            runs[(op, backend)] = replay([calls[i] for i in picked], [grads[i] for i in picked], backend)
+    runs["step"] = with_backend(step, step_backend)
+    for run in runs.values():
+        run()  # warm-up
+    rounds = interleaved_rounds(20)
+    times = interleaved_times(runs, rounds)
+    median_ms = {k: 1e3 * statistics.median(ts) for k, ts in times.items()}
+    step_ms = median_ms.pop("step")
+    op_ms = {op: {b: median_ms[(op, b)] for b in backends} for op in OPS}
+    total_ms = {b: sum(op_ms[op][b] for op in OPS) for b in backends}
+    benchmark.pedantic(replay(calls, grads, backends[-1]), rounds=1, warmup_rounds=0)
+    benchmark.extra_info.update(model=NAME, batch=BATCH, step_backend=step_backend, step_ms=step_ms, calls=counts,
+                                op_ms=op_ms, total_ms=total_ms, share={b: ms / step_ms for b, ms in total_ms.items()},
+                                rounds=rounds)
+    print(f"\n{NAME} batch {BATCH} on {DEVICE}: the full step {step_ms:.1f} ms ({step_backend}, median of {rounds} "
+          "rounds); its op calls replayed alone, forward + backward, ms per step:")
+    print(f"  {'op':24s} {'calls':>5s} " + " ".join(f"{b:>8s}" for b in backends))
+    for op in OPS:
+        print(f"  {op:24s} {counts[op]:5d} " + " ".join(f"{op_ms[op][b]:8.2f}" for b in backends))
+    print(f"  {'all':24s} {len(calls):5d} " + " ".join(f"{total_ms[b]:8.2f}" for b in backends)
+          + "  (" + ", ".join(f"{b} {100 * total_ms[b] / step_ms:.1f}%" for b in backends) + " of the step)")
 
 
 # -- end to end: reference ops vs fused ops vs fused ops + torch.compile, training and inference ----------------------

@@ -163,6 +163,23 @@ def test_interleaved_run_lines_give_the_ratio_the_costs_and_the_speedup_over_the
         "(0.990-1.030)")
 
 
+def test_op_share_lines_give_each_backends_total_and_share_of_the_step():
+    info = {"model": "tiny", "batch": 64, "step_backend": "cpp", "step_ms": 400.0, "rounds": 20,
+            "calls": {"masked_gather": 1, "query_fusion_attention": 7},
+            "op_ms": {"masked_gather": {"torch": 1.0, "cpp": 0.5},
+                      "query_fusion_attention": {"torch": 11.0, "cpp": 3.5}},
+            "total_ms": {"torch": 12.0, "cpp": 4.0}, "share": {"torch": 0.03, "cpp": 0.01}}
+    run = plot.Run(Path("x.json"), "Test CPU", "", None, [])
+    lines = plot.interleaved_lines([(run, {"name": "test_op_share", "info": info})])
+    assert lines == [
+        "- Test CPU, `tiny` batch 64: the fused ops' calls of one full step, replayed alone (forward + backward, "
+        "median of 20 interleaved rounds with the step), take torch 12.0 ms (3.0%), cpp 4.0 ms (1.0%) of the 400.0 ms "
+        "step (`cpp`)",
+        "  - ms per step: masked_gather (1 calls) torch 1.00, cpp 0.50; query_fusion_attention (7 calls) torch 11.00, "
+        "cpp 3.50"]
+    assert plot.interleaved_lines([(run, {"name": "test_op_share", "info": {"model": "tiny"}})]) == []  # no figures
+
+
 def test_a_paired_speedup_replaces_the_ratio_of_separate_medians(tmp_path):
     """test_dropin_training_step's amfor row carries the speed-up timed in the same rounds as the reference: the
     table shows it, with its interval, instead of the ratio of two medians timed minutes apart."""
