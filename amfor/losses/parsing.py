@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amfor.losses.identity import out_of_range, upcast
+from amfor.losses.reconstruction import patchify
 
 IGNORE = -1  # token label: no parsing mask (amfor.data NO_MASK) for its pixels
 
@@ -34,9 +35,9 @@ def token_part_counts(mask: torch.Tensor, patch_size: int, stride: int, num_clas
     bad = out_of_range(mask, IGNORE, num_classes)
     if bad:
         raise ValueError(f"mask values must lie in [0, {num_classes}) or be -1 (no mask), got [{bad[0]}, {bad[1]}]")
-    windows = F.unfold(mask[:, None].float(), kernel_size=patch_size, stride=stride).long()  # [B, p*p, N]
-    B, _, N = windows.shape
-    token = torch.arange(B * N, device=mask.device).view(B, 1, N)
+    windows = patchify(mask[:, None], patch_size, stride)  # [B, N, p*p] labels
+    B, N, _ = windows.shape
+    token = torch.arange(B * N, device=mask.device).view(B, N, 1)
     keys = token * num_classes + windows.clamp(min=0)
     valid = (windows >= 0).float()  # -1 pixels add 0 (a weight, not a boolean selection: no host sync)
     counts = torch.zeros(B * N * num_classes, device=mask.device).index_add_(0, keys.flatten(), valid.flatten())

@@ -9,7 +9,6 @@ per-part MSEs. All in float32 (float64 inputs stay float64) with autocast off.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from amfor.losses.identity import upcast
@@ -20,7 +19,8 @@ def patchify(imgs: torch.Tensor, patch_size: int, stride: int) -> torch.Tensor:
 
     Each patch vector is channel-major, as F.unfold (and a conv weight) lay it out: index c * p * p + i * p + j
     for channel c, row i, column j (MAE's own patchify puts the channel last). Overlapping strides (s < p)
-    repeat pixels in neighbouring patches.
+    repeat pixels in neighbouring patches. Any dtype (the parsing loss cuts integer masks with it): strided
+    views and one copy, not F.unfold's im2col, which is float-only and slow on CPU for few channels.
     """
     if imgs.dim() != 4:
         raise ValueError(f"imgs must be [B, C, H, W], got {list(imgs.shape)}")
@@ -28,7 +28,9 @@ def patchify(imgs: torch.Tensor, patch_size: int, stride: int) -> torch.Tensor:
     if not 0 < stride <= patch_size <= min(H, W):
         raise ValueError(f"need 0 < stride <= patch_size <= min(H, W), got stride {stride}, patch_size "
                          f"{patch_size}, image {H}x{W}")
-    return F.unfold(imgs, kernel_size=patch_size, stride=stride).transpose(1, 2)
+    B, C = imgs.shape[:2]
+    windows = imgs.unfold(2, patch_size, stride).unfold(3, patch_size, stride)  # [B, C, ny, nx, p, p], a view
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(B, -1, C * patch_size * patch_size)
 
 
 def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

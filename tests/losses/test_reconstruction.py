@@ -21,6 +21,18 @@ def test_patchify_layout(p, s):
         torch.testing.assert_close(patches[:, n], window.reshape(2, -1), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("p, s", [(16, 16), (16, 11), (8, 5)])
+def test_patchify_is_f_unfold_and_takes_integer_masks(p, s):
+    torch.manual_seed(0)
+    imgs = torch.randn(3, 3, 64, 32)
+    expected = F.unfold(imgs, kernel_size=p, stride=s).transpose(1, 2)
+    assert torch.equal(patchify(imgs, p, s), expected)
+    mask = torch.randint(-1, 9, (3, 64, 32))
+    labels = patchify(mask[:, None], p, s)  # the parsing loss's use: F.unfold itself takes no integers
+    assert labels.dtype == mask.dtype
+    assert torch.equal(labels, F.unfold(mask[:, None].float(), kernel_size=p, stride=s).transpose(1, 2).long())
+
+
 def test_patchify_at_256x128():
     assert patchify(torch.zeros(1, 3, 256, 128), 16, 11).shape == (1, 242, 768)
     assert patchify(torch.zeros(1, 3, 256, 128), 16, 16).shape == (1, 128, 768)
