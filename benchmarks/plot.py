@@ -453,8 +453,17 @@ def op_share_lines(run: Run, info: dict) -> list[str]:
             f"full step, replayed alone (forward + backward, median of {info.get('rounds', '?')} interleaved rounds "
             f"with the step), take " + ", ".join(f"{b} {ms:.1f} ms ({100 * info['share'][b]:.1f}%)"
                                                  for b, ms in total.items())
-            + f" of the {info['step_ms']:.1f} ms step (`{info.get('step_backend', '?')}`)",
+            + f" of the {info['step_ms']:.1f} ms step (`{info.get('step_backend', '?')}`)" + _step_pair(info),
             f"  - ms per step: {per_op}"]
+
+
+def _step_pair(info: dict) -> str:
+    """"; the step on the torch ops N ms, `cpp` Rx that per round (95% interval)", where recorded."""
+    paired = info.get("step_speedup_paired")
+    if not (isinstance(paired, list) and len(paired) == 3 and "torch_step_ms" in info):
+        return ""
+    return (f"; the step on the torch ops {info['torch_step_ms']:.1f} ms, `{info.get('step_backend', '?')}` "
+            f"{paired[0]:.3f}x that per round (95% interval {paired[1]:.3f}-{paired[2]:.3f})")
 
 
 def interleaved_lines(interleaved: list[tuple[Run, dict]]) -> list[str]:

@@ -193,7 +193,9 @@ def test_full_vs_baseline(benchmark):
 
 def test_op_share(benchmark):
     """The fused ops' share of the full training step: every op call of one step, replayed alone (forward and
-    backward) on each backend, timed in the same interleaved rounds as the step itself."""
+    backward) on each backend, timed in the same interleaved rounds as the full step on the fused backend and on
+    the torch reference ops; the steps' per-round ratio says whether the fused backend makes the step faster.
+    Five times the usual rounds: a saving of a few percent needs them to stand out of the per-round noise."""
     backends = [b for b in ("torch", "cpp", "cuda", "triton")
                 if b in available_backends(DEVICE) and not (DEVICE == "cpu" and b == "triton")]
     step_backend = "cpp" if "cpp" in backends else "auto"
@@ -217,21 +219,25 @@ def test_op_share(benchmark):
         picked = [i for i, c in enumerate(calls) if c.op == op]
         for backend in backends:
             runs[(op, backend)] = replay([calls[i] for i in picked], [grads[i] for i in picked], backend)
-    runs["step"] = with_backend(step, step_backend)
+    check_losses(step, step_backend)
+    runs["step"], runs["step, torch ops"] = with_backend(step, step_backend), with_backend(step, "torch")
     for run in runs.values():
         run()  # warm-up
-    rounds = interleaved_rounds(20)
+    rounds = 5 * interleaved_rounds(20)
     times = interleaved_times(runs, rounds)
     median_ms = {k: 1e3 * statistics.median(ts) for k, ts in times.items()}
-    step_ms = median_ms.pop("step")
+    step_ms, torch_step_ms = median_ms.pop("step"), median_ms.pop("step, torch ops")
     op_ms = {op: {b: median_ms[(op, b)] for b in backends} for op in OPS}
     total_ms = {b: sum(op_ms[op][b] for op in OPS) for b in backends}
+    paired = paired_speedup(times["step, torch ops"], times["step"])
     benchmark.pedantic(replay(calls, grads, backends[-1]), rounds=1, warmup_rounds=0)
     benchmark.extra_info.update(model=NAME, batch=BATCH, step_backend=step_backend, step_ms=step_ms, calls=counts,
                                 op_ms=op_ms, total_ms=total_ms, share={b: ms / step_ms for b, ms in total_ms.items()},
-                                rounds=rounds)
-    print(f"\n{NAME} batch {BATCH} on {DEVICE}: the full step {step_ms:.1f} ms ({step_backend}, median of {rounds} "
-          "rounds); its op calls replayed alone, forward + backward, ms per step:")
+                                torch_step_ms=torch_step_ms, step_speedup_paired=list(paired), rounds=rounds)
+    print(f"\n{NAME} batch {BATCH} on {DEVICE}: the full step {step_ms:.1f} ms on {step_backend}, {torch_step_ms:.1f} "
+          f"ms on the torch ops (medians of {rounds} rounds); per round {step_backend} is {paired[0]:.3f}x the torch "
+          f"ops (95% interval {paired[1]:.3f}-{paired[2]:.3f}). Its op calls replayed alone, forward + backward, "
+          "ms per step:")
     print(f"  {'op':24s} {'calls':>5s} " + " ".join(f"{b:>8s}" for b in backends))
     for op in OPS:
         print(f"  {op:24s} {counts[op]:5d} " + " ".join(f"{op_ms[op][b]:8.2f}" for b in backends))

@@ -178,6 +178,10 @@ def test_op_share_lines_give_each_backends_total_and_share_of_the_step():
         "  - ms per step: masked_gather (1 calls) torch 1.00, cpp 0.50; query_fusion_attention (7 calls) torch 11.00, "
         "cpp 3.50"]
     assert plot.interleaved_lines([(run, {"name": "test_op_share", "info": {"model": "tiny"}})]) == []  # no figures
+    paired = info | {"torch_step_ms": 410.0, "step_speedup_paired": [1.021, 1.012, 1.03]}
+    assert plot.interleaved_lines([(run, {"name": "test_op_share", "info": paired})])[0].endswith(
+        "of the 400.0 ms step (`cpp`); the step on the torch ops 410.0 ms, `cpp` 1.021x that per round (95% interval "
+        "1.012-1.030)")
 
 
 def test_a_paired_speedup_replaces_the_ratio_of_separate_medians(tmp_path):
