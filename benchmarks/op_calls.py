@@ -46,11 +46,13 @@ class OpCall:
 
 
 def _copy(x):
-    """A detached copy of every tensor in x (lists and tuples followed), requires_grad kept."""
+    """A detached copy of every tensor in x (lists, tuples and dicts followed), requires_grad kept."""
     if isinstance(x, torch.Tensor):
         return x.detach().clone().requires_grad_(x.requires_grad)
     if isinstance(x, (list, tuple)):
         return type(x)(_copy(v) for v in x)
+    if isinstance(x, dict):  # keyword arguments: a tensor passed by name is copied like a positional one
+        return {k: _copy(v) for k, v in x.items()}
     return x
 
 
