@@ -111,7 +111,9 @@ def unavailable_reasons(device: torch.device | str, op: str | None = None,
         if not ext_ok:
             reasons["cuda"] = ext_why
         elif not extension_has_cuda():
-            reasons["cuda"] = "amfor._C was built without CUDA (no nvcc or a CPU build of torch at install time)"
+            reasons["cuda"] = ("amfor._C was built without its CUDA kernels (no CUDA toolkit or a CPU build of torch "
+                               "at install time, or the CUDA part failed to compile: `pip install -v` shows the "
+                               "build's warning, AMFOR_BUILD_CUDA=1 makes it an error)")
         if not triton_ok:
             reasons["triton"] = triton_why
     else:
