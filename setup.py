@@ -156,7 +156,11 @@ def _build_command(cpp_extension, torch):
                 if os.environ.get("AMFOR_BUILD_CUDA", "").strip() == "1":
                     raise
                 _warn(f"the CUDA kernels failed to build ({type(exc).__name__}: {exc})")
-                self.extensions = [_cpu_extension(cpp_extension, torch)]
+                cpu = _cpu_extension(cpp_extension, torch)
+                for ext in self.extensions:  # in place: build_ext has set private fields on these objects
+                    for field in ("sources", "include_dirs", "define_macros", "library_dirs", "libraries",
+                                  "runtime_library_dirs", "extra_compile_args", "extra_link_args", "language"):
+                        setattr(ext, field, getattr(cpu, field))
                 return super().build_extensions()
 
     return BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)

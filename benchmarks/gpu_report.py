@@ -108,7 +108,7 @@ def run_pytest(args: list[str], timeout: float, env: dict | None = None) -> dict
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            timed_out = True  # the group, as amfor.engine.process.stop_group does: not imported, since this report
+            timed_out = True  # the group, as projects.ablation.process.stop_group does: not imported, since this report
             os.killpg(proc.pid, signal.SIGTERM)  # must still run (and say why) when amfor itself fails to import
             try:
                 proc.wait(timeout=20)

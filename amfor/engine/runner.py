@@ -280,6 +280,9 @@ class Run:
         self.restore_rng(2)
         logger.info("stage 2: %d steps (%d per epoch, global batch %d, %s lr %g, warm-up %d steps)", trainer.max_steps,
                     per_epoch, cfg.batch_size, type(optimizer).__name__, cfg.lr, scheduler.warmup_steps)
+        if trainer.step == 0:  # a resumed run keeps the record of its start
+            self.log.write({"type": "schedule", "stage": 2, "step": 0,
+                            "steps_per_epoch": per_epoch, "batch_size": cfg.batch_size})
         trainer.train()
 
     def wrap_ddp(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -13,10 +13,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .ablation_variants import KNOBS, VARIANTS, default_seeds, reference
+from .variants import KNOBS, VARIANTS, default_seeds, reference
 
 if TYPE_CHECKING:
-    from .ablation import Plan
+    from .plan import Plan
 
 VALIDATION_NOTE = "model choices were made on the validation split only; these are test-split numbers"
 

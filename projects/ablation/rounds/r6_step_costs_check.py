@@ -1,12 +1,13 @@
 """Step costs of all 14 ablation variants timed together (today's code, 10 rounds), and the step counts round 3's
-calibration windows (reused in rounds 4 and 5) would get when fitted to them. Writes runs/step-costs-whatif.json (committed as step_costs_check.json; run 2026-12-02 16:04 at 3d7cb78, plain
-medians: median_costs normalised each round from 260f593 on)."""
+calibration windows (reused in rounds 4 and 5) would get when fitted to them. Writes runs/step-costs-whatif.json
+(committed as docs/ablation-data/r6/step_costs_check.json; run 2026-12-02 16:04 at 3d7cb78, plain medians:
+median_costs normalised each round from 260f593 on)."""
 import json
 import sys
 from pathlib import Path
 
-from amfor.engine import ablation
-from amfor.engine.step_costs import median_costs, step_costs
+from projects.ablation import plan as ablation
+from projects.ablation.step_costs import median_costs, step_costs
 
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 10
 plan = ablation.make_plan("runs/unused")

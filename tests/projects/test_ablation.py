@@ -1,4 +1,4 @@
-"""`python -m amfor.ablate` end to end on the tiny synthetic set with the real tiny model (2 stage-2 steps a run),
+"""`python -m projects.ablation` end to end on the tiny synthetic set with the real tiny model (2 stage-2 steps a run),
 plus the report's math on hand-made records."""
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from amfor.ablate import main
-from amfor.engine import ablation, ablation_report
-from amfor.engine.ablation import read_jsonl
-from amfor.engine.ablation_report import curve_lines, curve_rows, delta, mean_std, summarize, table_lines
-from amfor.engine.ablation_variants import VARIANTS
 from amfor.models.amfor import AMFOR, SWITCHES
+from projects.ablation import plan as ablation
+from projects.ablation import report as ablation_report
+from projects.ablation.cli import main
+from projects.ablation.plan import read_jsonl
+from projects.ablation.report import curve_lines, curve_rows, delta, mean_std, summarize, table_lines
+from projects.ablation.variants import VARIANTS
 
 VARIANT_PAIR = ["baseline", "+parts"]  # the two cheapest variants (no text tower, so no stage 1)
 
@@ -32,7 +33,7 @@ def tiny_sets(root: Path, *extra: str) -> list[str]:
 
 
 def tiny_args(root: Path, out: Path, *flags: str, only: list[str] = VARIANT_PAIR) -> list[str]:
-    """`amfor.ablate` arguments: `only` x 1 seed on the tiny set, report in the output folder, then `flags`."""
+    """`projects.ablation` arguments: `only` x 1 seed on the tiny set, report in the output folder, then `flags`."""
     return ["--only", *only, "--seeds", "1", "--output", str(out), "--report", str(out / "report.md"), *flags,
             "--set", *tiny_sets(root)]
 
@@ -89,7 +90,7 @@ def test_two_variants_write_records_a_report_and_a_png(ablated):
     assert budgets["variants"]["baseline"]["machine"]["cpu_count"] >= 1
     report = (ablated / "report.md").read_text()
     assert "model choices were made on the validation split only; these are test-split numbers" in report
-    assert "python -m amfor.ablate --output" in report and "--steps 2" in report
+    assert "python -m projects.ablation --output" in report and "--steps 2" in report
     rows = table_of(ablated / "report.md")
     assert rows[1].startswith("| baseline | 1/1 seeds | 2 |") and rows[2].startswith("| +parts | 1/1 seeds | 2 |")
     expected = f"{100 * (records[1]['occluded_mAP'] - records[0]['occluded_mAP']):+.2f} vs baseline"
@@ -210,7 +211,7 @@ def test_report_only_rebuilds_the_same_table(ablated, capsys):
 # (5) ------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_an_unknown_variant_exits_2_naming_the_closest(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "amfor.ablate", "--only", "full-amf", "--output", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "projects.ablation", "--only", "full-amf", "--output", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown variant 'full-amf'; did you mean 'full-amff'?" in proc.stderr
 
@@ -389,7 +390,7 @@ def test_fit_line_recovers_a_line_and_goes_through_the_origin_when_the_intercept
 
 
 def test_calibrations_are_fitted_to_step_costs_timed_together_before_any_run(tmp_path, monkeypatch):
-    import amfor.engine.step_costs as step_costs
+    import projects.ablation.step_costs as step_costs
 
     window = {"baseline": 0.30, "+camera": 0.36, "+parts": 0.40}  # +camera's window read a slow minute
     cost = {"baseline": 0.25, "+camera": 0.25, "+parts": 0.35}
@@ -432,7 +433,7 @@ def test_calibrations_are_fitted_to_step_costs_timed_together_before_any_run(tmp
 
 
 def test_a_started_variant_keeps_its_step_count(tmp_path, monkeypatch):
-    import amfor.engine.step_costs as step_costs
+    import projects.ablation.step_costs as step_costs
 
     monkeypatch.setattr(step_costs, "step_costs", lambda configs, rounds: pytest.fail("fitted a started variant"))
     plan = ablation.make_plan(tmp_path / "abl", only=["baseline", "+camera", "+parts"], seeds=1, budget_minutes=1)
@@ -451,7 +452,7 @@ def test_step_costs_time_every_configuration_in_the_same_rounds(tiny_root):
     import torch
 
     from amfor.engine.runner import build_data
-    from amfor.engine.step_costs import TrainingStep, median_costs, step_costs, training_batch
+    from projects.ablation.step_costs import TrainingStep, median_costs, step_costs, training_batch
 
     plan = ablation.make_plan("unused", steps=2, overrides=tiny_sets(tiny_root))
     configs = {v: ablation.variant_config(plan, v) for v in ("baseline", "+parts")}
@@ -471,7 +472,7 @@ def test_step_costs_time_every_configuration_in_the_same_rounds(tiny_root):
 
 
 def test_median_costs_take_out_each_rounds_machine_speed():
-    from amfor.engine.step_costs import median_costs
+    from projects.ablation.step_costs import median_costs
 
     # round 2 ran at half the machine's speed, for both configurations alike: b still costs exactly twice a
     cost = median_costs({"a": [1.0, 2.0, 1.1], "b": [2.0, 4.0, 2.2]})

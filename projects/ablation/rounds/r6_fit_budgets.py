@@ -1,7 +1,7 @@
 """Round 6's budgets: round 3's calibration windows (2026-12-01 19:39-19:51, reused in rounds 4 and 5) fitted to the
-variants' training steps timed together now (`amfor.engine.ablation.fit_to_step_costs`).
+variants' training steps timed together now (`projects.ablation.plan.fit_to_step_costs`).
 
-Run from the repository root: python docs/ablation-data/r6/fit_budgets.py runs/ablation-r6
+Run from the repository root: python -m projects.ablation.rounds.r6_fit_budgets runs/ablation-r6
 It reads docs/ablation-data/r5/budgets.json and writes <output>/budgets.json. Each round-3 window fixed its step
 count at stage-2 step 56 (8 skipped + 48 timed) with batch 64; those two figures, not stored then, are filled in.
 """
@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from amfor.engine import ablation
+from projects.ablation import plan as ablation
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)

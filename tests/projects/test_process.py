@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from amfor.engine.process import stop_group
+from projects.ablation.process import stop_group
 
 
 def test_stop_group_ends_the_child_and_its_children(tmp_path):

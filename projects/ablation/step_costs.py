@@ -5,7 +5,7 @@ configuration, taken minutes apart, reads the machine's drift as much as the con
 VM the same step drifts 10-30% within minutes. Here every configuration takes a stage-2 training step (forward,
 backward, optimiser update) in turn, round after round, in reverse order every other round (A B C, C B A, ...), on
 the same real training batch, so that a drift reaches every configuration alike; the median over the rounds is the
-configuration's cost. `amfor.engine.ablation` fits its calibration windows to these costs.
+configuration's cost. `projects.ablation.plan` fits its calibration windows to these costs.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping
 import torch
 from omegaconf import DictConfig
 
-from .data import build_epoch_loader
-from .optim import build_stage2_optimizer
-from .runner import amp_dtype, build_data, create_model
-from .trainer import stage2_inputs
+from amfor.engine.data import build_epoch_loader
+from amfor.engine.optim import build_stage2_optimizer
+from amfor.engine.runner import amp_dtype, build_data, create_model
+from amfor.engine.trainer import stage2_inputs
 
 
 def interleaved_times(steps: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:

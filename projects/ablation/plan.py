@@ -1,5 +1,5 @@
 """AMFOR variants with components switched off (or added to a baseline), trained on the same data and seeds for
-a fixed per-variant stage-2 step count and evaluated on the test split: what `python -m amfor.ablate` does.
+a fixed per-variant stage-2 step count and evaluated on the test split: what `python -m projects.ablation` does.
 
 Output folder:
     budgets.json                   the settings, and each variant's step count with how it was fixed (machine, date)
@@ -14,10 +14,10 @@ first seed's run with `train.max_minutes` set, stopped as soon as the hook has f
 every seed runs `train.max_steps=N train.max_minutes=0`, which `python -m amfor.train` repeats exactly.
 The calibration windows, taken one variant after another, also read the machine's drift (10-30% within minutes
 here): when three or more variants are calibrated before any of their seeds runs, their training steps are timed
-together in interleaved rounds (amfor.engine.step_costs) and each window's step time is replaced by a line fitted
+together in interleaved rounds (projects.ablation.step_costs) and each window's step time is replaced by a line fitted
 through all of them against those costs (`fit_to_step_costs`; budgets.json keeps both).
 
-The variants themselves are in ablation_variants; the report written from the records, in ablation_report.
+The variants themselves are in variants.py; the report written from the records, in report.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import platform
-import re
 import shlex
 import shutil
 import statistics
@@ -39,13 +38,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from ..config import ConfigError, build_config, dotted_items, to_dict
-from .ablation_report import write_report
-from .ablation_variants import KNOBS, VARIANTS, check_variants, default_seeds, switch_overrides
-from .checkpoint import CheckpointError, load_checkpoint
-from .process import stop_group
+from amfor.config import ConfigError, build_config, dotted_items, to_dict
+from amfor.engine.checkpoint import CheckpointError, load_checkpoint
 
-logger = logging.getLogger("amfor.ablate")
+from .process import stop_group
+from .report import write_report
+from .variants import KNOBS, VARIANTS, check_variants, default_seeds, switch_overrides
+
+logger = logging.getLogger("projects.ablation")
 
 
 # --- the plan --------------------------------------------------------------------------------------------
@@ -106,14 +106,14 @@ class Plan:
         return [*config, "--set", *self.overrides, *switches, *budget, "--output", str(out)]
 
     def ablate_command(self, report: Path) -> str:
-        """The `python -m amfor.ablate` command that reproduces this ablation and its report."""
+        """The `python -m projects.ablation` command that reproduces this ablation and its report."""
         args = ["--output", str(self.output)]
         args += ["--config", self.config] if self.config else []
         args += ["--steps", str(self.steps)] if self.steps else ["--budget-minutes", f"{self.budget_minutes:g}"]
         args += ["--only", *self.variants] if self.variants != list(VARIANTS) else []
         args += ["--seeds", str(self.num_seeds)] if self.num_seeds else []
         args += ["--set", *self.overrides] if self.overrides else []
-        return shlex.join(["python", "-m", "amfor.ablate", *args, "--report", str(report)])
+        return shlex.join(["python", "-m", "projects.ablation", *args, "--report", str(report)])
 
 
 def make_plan(output: str | Path, only: Iterable[str] | None = None, seeds: int | None = None,
@@ -249,7 +249,7 @@ def read_jsonl(path: Path) -> list[dict]:
 # --- calibration -----------------------------------------------------------------------------------------
 def prepare_data(plan: Plan) -> None:
     """Build (for synthetic data: generate) the dataset before any calibration, so no budget pays for it."""
-    from .runner import build_data
+    from amfor.engine.runner import build_data
 
     build_data(build_config(plan.config, plan.overrides))
 
@@ -336,7 +336,7 @@ def fit_to_step_costs(plan: Plan, budgets: dict, variants: Iterable[str]) -> Non
     changed, and an ablation interrupted between its calibrations and the fit fits when resumed. Each calibration
     window (48 steps of a real run) reads the variant's step time and the machine's speed of that
     minute, which drifts 10-30%. All these variants' training steps are then timed in the same interleaved rounds
-    (amfor.engine.step_costs: the model alone, one batch, no loader), which orders them without the drift, and a
+    (projects.ablation.step_costs: the model alone, one batch, no loader), which orders them without the drift, and a
     line window_s = a * cost + b through all of them (a: this machine's speed in the real loop, b: the loader's share
     of a step) gives each variant its fitted step time. The time the window left for steps after it is kept, so
     steps = fix_step + (steps - fix_step) * window_s / fitted_s. Fewer than MIN_FIT_VARIANTS: nothing changes."""
@@ -408,11 +408,11 @@ def run_one(plan: Plan, variant: str, seed: int, steps: int) -> dict:
     return make_record(plan, variant, seed, steps, wall_s, resume is not None)
 
 
-def _epochs(run_dir: Path, steps: int) -> float | None:
-    """Stage-2 epochs reached: steps / the steps per epoch the run logged (PK epochs vary by a batch or so)."""
-    log = run_dir / "log.txt"
-    found = re.findall(r"stage 2: \d+ steps \((\d+) per epoch", log.read_text()) if log.exists() else []
-    return steps / int(found[-1]) if found and int(found[-1]) > 0 else None
+def _epochs(metrics: list[dict], steps: int) -> float | None:
+    """Stage-2 epochs reached: steps / the steps per epoch of the run's stage-2 schedule record (PK epochs vary by a
+    batch or so)."""
+    per_epoch = [r["steps_per_epoch"] for r in metrics if r.get("type") == "schedule" and r.get("stage") == 2]
+    return steps / per_epoch[-1] if per_epoch and per_epoch[-1] > 0 else None
 
 
 RERANKED = (("occluded_mAP", "query", "mAP"), ("occluded_R1", "query", "R1"), ("whole_mAP", "query_whole", "mAP"),
@@ -420,7 +420,7 @@ RERANKED = (("occluded_mAP", "query", "mAP"), ("occluded_R1", "query", "R1"), ("
 
 
 def make_record(plan: Plan, variant: str, seed: int, steps: int, wall_s: float | None, resumed: bool) -> dict:
-    """The results.jsonl record of a finished run folder (results.json, metrics.jsonl, log.txt)."""
+    """The results.jsonl record of a finished run folder (results.json and metrics.jsonl)."""
     run_dir = plan.run_dir(variant, seed)
     results = json.loads((run_dir / "results.json").read_text())
     metrics = read_jsonl(run_dir / "metrics.jsonl")
@@ -429,7 +429,7 @@ def make_record(plan: Plan, variant: str, seed: int, steps: int, wall_s: float |
     curve = [[r["epoch"], r["step"], r["mAP"]] for r in metrics  # [epoch, step, val mAP] per stage-2 evaluation
              if r.get("type") == "eval" and r.get("split") == "val" and r.get("stage") == 2 and "step" in r]
     return {"variant": variant, "seed": seed, "switches": VARIANTS[variant], "steps": steps,
-            "epochs": _epochs(run_dir, steps), "img_s": statistics.median(img_s) if img_s else None,
+            "epochs": _epochs(metrics, steps), "img_s": statistics.median(img_s) if img_s else None,
             "occluded_mAP": results["query"]["mAP"], "occluded_R1": results["query"]["R1"],
             "whole_mAP": results["query_whole"]["mAP"], "whole_R1": results["query_whole"]["R1"],
             **{f"{name}_rerank": results[f"{split}_rerank"][m] for name, split, m in RERANKED

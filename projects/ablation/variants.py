@@ -1,5 +1,5 @@
 """The ablation's variants: which model switches each row of the table turns on, the row its delta is taken
-against, and how many seeds it gets by default (amfor.engine.ablation runs them, ablation_report tabulates them).
+against, and how many seeds it gets by default (plan.py runs them, report.py tabulates them).
 """
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-from ..config import ConfigError
-from ..models.amfor import SWITCHES
+from amfor.config import ConfigError
+from amfor.models.amfor import SWITCHES
 
 # the model's component switches, and camera centring (a model keyword outside SWITCHES: models/camera.py)
 KNOBS = (*SWITCHES, "camera_centering")

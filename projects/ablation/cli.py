@@ -1,13 +1,13 @@
-"""`python -m amfor.ablate`: AMFOR's components added to a baseline and taken out of the full model one at a
+"""`python -m projects.ablation`: AMFOR's components added to a baseline and taken out of the full model one at a
 time, every variant trained on the same data and seeds for a fixed stage-2 step count; test-split mAP and R1 on
 occluded and whole-body queries, mean and spread over seeds, in a Markdown report with a bar chart.
 
-    python -m amfor.ablate                                  # all variants, the demo's 9-minute budget, runs/ablation
-    python -m amfor.ablate --only baseline full --seeds 1   # a subset, one seed each
-                                                            # (the report keeps the folder's other rows)
-    python -m amfor.ablate --list                           # variants, seeds, status, budgets
-    python -m amfor.ablate --report-only                    # rebuild docs/ablation.md from results.jsonl
-    python -m amfor.ablate --steps 20 --set data.size=tiny  # a fixed step count for every variant, no calibration
+    python -m projects.ablation                           # all variants, the 9-minute budget, runs/ablation
+    python -m projects.ablation --only baseline full --seeds 1   # a subset, one seed each
+                                                                 # (the report keeps the folder's other rows)
+    python -m projects.ablation --list                           # variants, seeds, status, budgets
+    python -m projects.ablation --report-only                    # rebuild docs/ablation.md from results.jsonl
+    python -m projects.ablation --steps 20 --set data.size=tiny  # a fixed step count for every variant
 
 Each variant's step count is calibrated once on this machine (a run with train.max_minutes set, stopped once the
 trainer has fixed train.max_steps; every planned variant first, back to back, before any seed trains) and stored
@@ -23,14 +23,15 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError
-from .engine.ablation import load_budgets, load_results, make_plan, run_ablation, status_lines, stored_plan
-from .engine.ablation_report import write_report
-from .engine.ablation_variants import VARIANTS
+from amfor.config import ConfigError
+
+from .plan import load_budgets, load_results, make_plan, run_ablation, status_lines, stored_plan
+from .report import write_report
+from .variants import VARIANTS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m amfor.ablate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m projects.ablation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"these variants only ({', '.join(VARIANTS)})")
     parser.add_argument("--seeds", type=int, metavar="N", help="seeds per variant (default 3 for baseline and full, "
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def setup_logging() -> None:
-    log = logging.getLogger("amfor.ablate")
+    log = logging.getLogger("projects.ablation")
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
@@ -78,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         failures = run_ablation(plan, report)
     except ConfigError as exc:
-        print(f"amfor.ablate: error: {exc}", file=sys.stderr)
+        print(f"projects.ablation: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("amfor.ablate: interrupted; the same command resumes the ablation", file=sys.stderr)
+        print("projects.ablation: interrupted; the same command resumes the ablation", file=sys.stderr)
         return 130
     if failures:
-        print(f"amfor.ablate: {len(failures)} run(s) failed:\n" + "\n".join(failures), file=sys.stderr)
+        print(f"projects.ablation: {len(failures)} run(s) failed:\n" + "\n".join(failures), file=sys.stderr)
         return 1
     print(report)
     return 0
