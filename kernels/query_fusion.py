@@ -24,9 +24,10 @@ import triton
 import triton.language as tl
 from amfor.kernels._launch import INTERPRETED, on_device, shared_memory_limit
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-MAX_HEAD_DIM = 1024
+# log2(e) and ln(2): the kernels work in base 2 (exp2, log2). constexpr, so the jitted kernels can read them; the
+# launchers use `.value`. (The head-dim limit is amfor.ops.query_fusion.MAX_HEAD_DIM.)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -136,7 +137,7 @@ def _fwd_kernel(
         w = tl.load(w_ptr + (b.to(tl.int64) * Q + qi) * L + layer, mask=row_ok, other=0.0)
         has = l_i > 0
         out_acc += acc * tl.where(has, w / tl.where(has, l_i, 1.0), 0.0)[:, None]
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * LN2, float("-inf"))
         tl.store(lse_ptr + grow * L + layer, lse, mask=row_ok & (chunk == 0))
     out_off = grow[:, None] * D + cols[None, :]
     tl.store(out_ptr + out_off, out_acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
@@ -163,7 +164,7 @@ def _dq_kernel(
     for layer in range(L):
         k_base = _layer_base(k_ptr, k_off_ptr, layer, b, hkv, sk_b, sk_h)
         v_base = _layer_base(v_ptr, v_off_ptr, layer, b, hkv, sv_b, sv_h)
-        lse = tl.load(lse_ptr + grow * L + layer, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        lse = tl.load(lse_ptr + grow * L + layer, mask=row_ok, other=float("-inf")) * LOG2E
         lse = tl.where(lse == float("-inf"), 0.0, lse)
         t = tl.zeros((BLOCK_M,), dtype=tl.float32)
         a_acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
@@ -222,7 +223,7 @@ def _dkdv_kernel(
         row_ok = rows < G * Q
         qi = rows % Q
         grow = (b.to(tl.int64) * H + hkv * G) * Q + rows
-        lse = tl.load(lse_ptr + grow * L + layer, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        lse = tl.load(lse_ptr + grow * L + layer, mask=row_ok, other=float("-inf")) * LOG2E
         lse = tl.where(lse == float("-inf"), 0.0, lse)
         w = tl.load(w_ptr + (b.to(tl.int64) * Q + qi) * L + layer, mask=row_ok, other=0.0)
         t = tl.load(t_ptr + grow * L + layer, mask=row_ok, other=0.0)
@@ -361,7 +362,7 @@ def forward(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], weigh
     grid = (B * sizes[1] * triton.cdiv(sizes[2] * Q, blocks["BLOCK_M"]), triton.cdiv(D, blocks["BLOCK_DV"]))
     k0, k_off, v0, v_off, mask_arg = ptrs
     with on_device(q):
-        _fwd_kernel[grid](out, lse, q, k0, k_off, v0, v_off, weights, mask_arg, *strides, *sizes, scale * LOG2E,
+        _fwd_kernel[grid](out, lse, q, k0, k_off, v0, v_off, weights, mask_arg, *strides, *sizes, scale * LOG2E.value,
                           **_flags(q, mask), **blocks)
     return out, lse
 
@@ -398,8 +399,8 @@ def backward(grad: torch.Tensor, q: torch.Tensor, k: list[torch.Tensor], v: list
     grid = (B * Hkv * triton.cdiv(sizes[2] * Q, blocks["BLOCK_M"]), triton.cdiv(D, blocks["BLOCK_DV"]))
     with on_device(q):
         _dq_kernel[grid](dq, t, grad, q, k0, k_off, v0, v_off, weights, mask_arg, lse, *strides, *sizes,
-                         scale, scale * LOG2E, **flags, **blocks)
+                         scale, scale * LOG2E.value, **flags, **blocks)
         grid = (B * Hkv * L * triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(D, blocks["BLOCK_DV"]))
         _dkdv_kernel[grid](dk, dv, grad, q, k0, k_off, v0, v_off, weights, mask_arg, lse, t, *strides, *sizes,
-                           scale, scale * LOG2E, **flags, **blocks)
+                           scale, scale * LOG2E.value, **flags, **blocks)
     return dq, dk, dv, t

@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-ArrayLike = "np.ndarray | torch.Tensor"
-
 
 def as_tensor(x, name: str, device: torch.device | None = None) -> torch.Tensor:
     """`x` (numpy array, tensor or sequence) as a tensor on `device` (default: where it is, CPU for numpy)."""
