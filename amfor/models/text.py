@@ -104,7 +104,12 @@ class TextEncoder(nn.Module):
         state, openai = read_clip_state_dict(path)
         own = self.tower.state_dict()
         text = {k[len("text."):]: v for k, v in convert_to_custom_text_state_dict(state).items()
-                if k.startswith("text.") and k[len("text."):] in own}
+                if k.startswith("text.")}
+        layers = {int(k.split(".")[2]) for k in text if k.startswith("transformer.resblocks.")}
+        if layers and max(layers) + 1 != self.shape["layers"]:
+            raise ValueError(f"{path}: its text tower has {max(layers) + 1} layers, this model's "
+                             f"{self.shape['layers']} (text_layers)")
+        text = {k: v for k, v in text.items() if k in own}
         if not text:
             raise ValueError(f"{path}: no CLIP text-tower key (token_embedding, transformer.resblocks.*, ...) found")
         wrong = [f"{k} {tuple(v.shape)} (this tower: {tuple(own[k].shape)})" for k, v in text.items()

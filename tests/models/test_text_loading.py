@@ -125,3 +125,5 @@ def test_errors_name_the_file(tmp_path):
     openai_archive(wide)
     with pytest.raises(ValueError, match="ViT-B-16.pt: its text tower has another shape"):
         TextEncoder(width=128, heads=2, layers=2, output_dim=32).load_clip(wide)
+    with pytest.raises(ValueError, match="ViT-B-16.pt: its text tower has 2 layers, this model's 3"):
+        TextEncoder(width=64, heads=1, layers=3, output_dim=32).load_clip(wide)
