@@ -271,9 +271,10 @@ def _check_architecture(state_dict: dict[str, torch.Tensor], model: ReIDViT) -> 
         raise ValueError(f"the checkpoint is a ViT of width {probe.shape[-1]}, the backbone's width is "
                          f"{model.embed_dim}: build the variant of the checkpoint's width")
     blocks = {int(m[1]) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if blocks and max(blocks) + 1 != model.depth:
-        raise ValueError(f"the checkpoint has {max(blocks) + 1} blocks, the backbone {model.depth}: build the "
-                         "variant of the checkpoint's depth")
+    depth = max(blocks) + 1 + any(k.startswith("last_block.") for k in state_dict) if blocks else model.depth
+    if depth != model.depth:  # a ReIDViT (AMFOR) state dict keeps its last block apart, as `last_block`
+        raise ValueError(f"the checkpoint has {depth} blocks, the backbone {model.depth}: build the variant of the "
+                         "checkpoint's depth")
 
 
 def filter_checkpoint(state_dict: dict[str, torch.Tensor], model: ReIDViT, old_grid: tuple[int, int] | None = None,

@@ -466,3 +466,14 @@ def test_msn_target_encoder_checkpoint(tmp_path):
     report = ours.load_pretrained(tmp_path / "msn.pth.tar", strict=True)
     assert report.wrappers == ["target_encoder"] and report.unexpected == []
     assert torch.equal(ours.blocks[0].mlp.fc1.weight, base["blocks.0.mlp.fc1.weight"])
+
+
+def test_reidvit_state_dict_round_trip(tmp_path):
+    """An AMFOR run's backbone (ReIDViT's own names: `last_block` apart) loads back unchanged."""
+    src = scrambled(ReIDViT(**SMALL, num_cameras=2))
+    torch.save({"model": {f"backbone.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "best.pt")
+    ours = ReIDViT(**SMALL, num_cameras=2)
+    report = ours.load_pretrained(tmp_path / "best.pt", strict=True)
+    assert report.missing == [] and report.unexpected == [] and report.resampled == []
+    for key, value in src.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
