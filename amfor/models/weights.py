@@ -196,8 +196,8 @@ def _from_clip(state_dict: dict[str, torch.Tensor], prefix: str, report: LoadRep
     if weight is not None and "patch_embed.proj.bias" not in out:
         out["patch_embed.proj.bias"] = weight.new_zeros(weight.shape[0])  # CLIP's conv1 has no bias
         report.notes.append("patch_embed.proj.bias set to 0 (CLIP's conv1 has none)")
-    report.notes.append("the CLIP tower was trained with a pre-norm (ln_pre) and QuickGELU, ReIDViT runs neither: "
-                        "its features differ until fine-tuned")
+    report.notes.append("CLIP's tower runs a pre-norm (ln_pre) and OpenAI's QuickGELU, ReIDViT neither: its "
+                        "features differ until fine-tuned")
     return out
 
 
