@@ -5,36 +5,28 @@ on the ny x nx grid (ny = (H - p) // s + 1), side information embedding (one lea
 by `sie_coef`) added to all tokens, timm `Block`s 1..depth-1 producing the shared memory M, and a separate
 copy of block `depth` plus the final LayerNorm producing the global branch G (g = G[:, 0]).
 
-Weights load from timm ViT checkpoints and TransReID / HAP / DDP-style state dicts (`load_state_dict_file`,
-`checkpoint_filter_fn`, `ReIDViT.load_pretrained`): prefixes are stripped, block `depth` goes to `last_block`,
-the position embedding is resampled from the checkpoint's grid and the patch kernel from its patch size.
+Weights load with `ReIDViT.load_pretrained` from timm, TransReID, CLIP / CLIP-ReID, DINO-family (PASS,
+TransReID-SSL, PersonViT), MAE (HAP) and MoCo v3 checkpoints: `amfor/models/weights.py` reads and converts them.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from timm.layers import (
-    LayerNorm,
-    PatchEmbed,
-    calculate_drop_path_rates,
-    resample_abs_pos_embed,
-    resample_patch_embed,
-    trunc_normal_,
-)
+from timm.layers import LayerNorm, PatchEmbed, calculate_drop_path_rates, trunc_normal_
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 
 from amfor.losses.identity import out_of_range
-
-_logger = logging.getLogger(__name__)
-
-STRIP_PREFIXES = ("module.", "backbone.", "base.", "encoder.")  # DDP, ReID wrappers, TransReID, I-JEPA/MAE
-CLIP_MARKERS = ("transformer.resblocks.", "class_embedding", "positional_embedding")
+from amfor.models import weights
+from amfor.models.weights import (  # noqa: F401  (re-exported: the loading API used to live here)
+    LoadReport,
+    checkpoint_filter_fn,
+    filter_checkpoint,
+    infer_grid,
+    load_state_dict_file,
+)
 
 
 class ReIDViT(nn.Module):
@@ -153,182 +145,14 @@ class ReIDViT(nn.Module):
 
     def load_pretrained(self, path: str | Path, strict: bool = False,
                         old_grid: tuple[int, int] | None = None) -> LoadReport:
-        """Load a timm / TransReID / HAP checkpoint file (see `checkpoint_filter_fn`); returns the report.
+        """Load a checkpoint file (timm, TransReID, CLIP-ReID, PASS, ...: `amfor.models.weights`); the report.
 
         strict: raise if any backbone weight is missing (unexpected checkpoint keys are always allowed and
         reported). A checkpoint sharing no weight with the backbone is an error either way.
         """
-        state_dict = load_state_dict_file(path)
-        try:
-            filtered, report = filter_checkpoint(state_dict, self, old_grid)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-        result = self.load_state_dict(filtered, strict=False)
-        report.missing = sorted(result.missing_keys)
-        if not filtered:
-            raise ValueError(f"{path}: no backbone weight found among its {len(state_dict)} tensors "
-                             f"(first keys: {list(state_dict)[:5]})")
-        if strict and report.missing:
-            raise ValueError(f"{path}: backbone weights missing from the checkpoint: {report.missing}")
-        _logger.log(logging.WARNING if report.missing else logging.INFO, "loaded %s: %s", path, report)
-        return report
+        return weights.load_pretrained(self, path, strict, old_grid)
 
 
 def tracing() -> bool:
     """Whether the forward is being traced (torch.compile, torch.export, ONNX export, jit.trace)."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
-
-
-@dataclass
-class LoadReport:
-    """What loading a checkpoint did: backbone keys not loaded, checkpoint keys not used, tensors resampled."""
-
-    missing: list[str] = field(default_factory=list)  # model keys the checkpoint did not provide
-    unexpected: list[str] = field(default_factory=list)  # checkpoint keys (prefixes stripped) not used
-    resampled: list[str] = field(default_factory=list)  # "key: old -> new" for resampled tensors
-    dropped: list[str] = field(default_factory=list)  # "key (reason)" for matching keys that could not be used
-
-    def __str__(self) -> str:
-        parts = [f"{len(self.missing)} missing", f"{len(self.unexpected)} unexpected"]
-        for name in ("missing", "unexpected", "resampled", "dropped"):
-            keys = getattr(self, name)
-            if keys:
-                parts.append(f"{name}: {', '.join(_summarise(keys))}")
-        return "; ".join(parts)
-
-
-def _summarise(keys: list[str], limit: int = 12) -> list[str]:
-    """Keys grouped by module prefix (`blocks.3.*`) so that a report stays readable."""
-    groups: dict[str, int] = {}
-    for k in keys:
-        head = ".".join(k.split(".")[:2]) if k.startswith("blocks.") else k.split(".")[0]
-        groups[head] = groups.get(head, 0) + 1
-    out = [f"{h}.*" if n > 1 or h not in keys else h for h, n in groups.items()]
-    return out if len(out) <= limit else out[:limit] + [f"... ({len(out) - limit} more)"]
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file: .safetensors, or a torch file (.pth/.pt/.bin) read with weights_only.
-
-    Unwraps {"model": ...}, {"state_dict": ...} and {"module": ...}; never touches the network.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling, safetensors header, zip errors: all mean "not a checkpoint"
-        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:200]})") from err
-    while isinstance(obj, dict):
-        inner = next((obj[k] for k in ("model", "state_dict", "module") if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} if isinstance(
-        obj, dict) else {}
-    if not tensors:
-        raise ValueError(f"{path} holds no state dict of tensors (found {type(obj).__name__})")
-    return tensors
-
-
-def strip_prefixes(key: str, prefixes: tuple[str, ...] = STRIP_PREFIXES) -> str:
-    """`module.base.blocks.0.x` -> `blocks.0.x`: drop wrapper prefixes from the front, repeatedly."""
-    while True:
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        if prefix is None:
-            return key
-        key = key[len(prefix):]
-
-
-def infer_grid(num_tokens: int, target: tuple[int, int]) -> tuple[int, int]:
-    """The checkpoint's grid from its patch-token count: square when it is a square, else the factorisation
-    h x w whose aspect ratio h / w is closest (in log) to the target grid's."""
-    side = math.isqrt(num_tokens)
-    if side * side == num_tokens:
-        return side, side
-    aim = math.log(target[0] / target[1])
-    pairs = [(h, num_tokens // h) for h in range(1, num_tokens + 1) if num_tokens % h == 0]
-    return min(pairs, key=lambda hw: abs(math.log(hw[0] / hw[1]) - aim))
-
-
-def _rename(key: str, depth: int) -> str:
-    """Checkpoint key (prefixes stripped) -> our key: block `depth` and TransReID's b1 branch to last_block/norm."""
-    last = f"blocks.{depth - 1}."
-    if key.startswith(last):
-        return "last_block." + key[len(last):]
-    if key.startswith("b1.0."):
-        return "last_block." + key[len("b1.0."):]
-    if key.startswith("b1.1."):
-        return "norm." + key[len("b1.1."):]
-    return key
-
-
-def filter_checkpoint(state_dict: dict[str, torch.Tensor], model: ReIDViT,
-                      old_grid: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """`checkpoint_filter_fn` with its report (`missing` is left for load_state_dict to fill)."""
-    if any(m in k for k in state_dict for m in CLIP_MARKERS):
-        raise ValueError("OpenAI-CLIP visual weights (transformer.resblocks.*) are not supported: their ViT has a "
-                         "pre-norm (ln_pre) and QuickGELU, which ReIDViT does not")
-    ours = model.state_dict()
-    report = LoadReport()
-    renamed: dict[str, tuple[str, torch.Tensor]] = {}
-    # TransReID's b1 branch (the trained copy of the last block and norm) wins over base.blocks.{depth-1} / norm
-    for key in sorted(state_dict, key=lambda k: strip_prefixes(k).startswith("b1.")):
-        stripped = strip_prefixes(key)
-        new = _rename(stripped, model.depth)
-        if new in renamed:
-            report.unexpected.append(renamed[new][0])
-        renamed[new] = (stripped, state_dict[key])
-    out = {}
-    for new, (stripped, value) in renamed.items():
-        if new not in ours:
-            report.unexpected.append(stripped)
-            continue
-        value = _adapt(new, value, model, old_grid, report)
-        if value is None:
-            continue
-        if value.shape != ours[new].shape:
-            raise ValueError(f"checkpoint tensor {stripped} has shape {list(value.shape)}, the backbone's {new} "
-                             f"has {list(ours[new].shape)} (a different architecture?)")
-        out[new] = value
-    report.unexpected.sort()
-    return out, report
-
-
-def _adapt(key: str, value: torch.Tensor, model: ReIDViT, old_grid: tuple[int, int] | None,
-           report: LoadReport) -> torch.Tensor | None:
-    """Resample pos_embed / patch kernel to the model; None (and a note) for a camera embedding of another size."""
-    if key == "pos_embed":
-        value = value[None] if value.dim() == 2 else value
-        grid = tuple(old_grid) if old_grid is not None else infer_grid(value.shape[1] - 1, model.grid_size)
-        if grid[0] * grid[1] != value.shape[1] - 1:
-            raise ValueError(f"old_grid {grid} does not match the checkpoint's {value.shape[1] - 1} patch positions")
-        if grid != model.grid_size:
-            value = resample_abs_pos_embed(value, list(model.grid_size), list(grid), num_prefix_tokens=1)
-            report.resampled.append(f"pos_embed: {grid[0]}x{grid[1]} -> {model.grid_size[0]}x{model.grid_size[1]}")
-    elif key == "patch_embed.proj.weight" and value.dim() == 4 and value.shape[-1] != model.patch_size:
-        old = tuple(value.shape[-2:])
-        value = resample_patch_embed(value, [model.patch_size, model.patch_size])
-        report.resampled.append(f"patch_embed.proj.weight: {old[0]}x{old[1]} -> {model.patch_size}x{model.patch_size}")
-    elif key == "sie_embed" and value.shape[0] != model.num_cameras:
-        report.dropped.append(f"sie_embed (checkpoint has {value.shape[0]} cameras, the model {model.num_cameras})")
-        return None
-    return value
-
-
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ReIDViT,
-                         old_grid: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-    """A checkpoint's state dict as ReIDViT keys and shapes, ready for `model.load_state_dict`.
-
-    Strips `module.` / `backbone.` / `base.` / `encoder.` prefixes, maps `blocks.{depth-1}.*` (and TransReID's
-    `b1.0.*`, `b1.1.*`) to `last_block.*` / `norm.*`, keeps only the backbone's keys (heads, classifiers,
-    decoders, mask tokens are left out), resamples `pos_embed` from the checkpoint's grid (`old_grid`, or
-    inferred by `infer_grid`) and `patch_embed.proj.weight` from its patch size, and leaves out a `sie_embed`
-    with another camera count. `filter_checkpoint` also returns what it did.
-    """
-    return filter_checkpoint(state_dict, model, old_grid)[0]

@@ -1,22 +1,29 @@
 """Text branch (SPEC-AMFOR section 2): open_clip's text tower, the CLIP-ReID prompt learner, the frozen text bank.
 
 The prompt is "A photo of a X X X X person." where the four X token embeddings are learned per identity. The text
-tower is open_clip's `TextTransformer` (built from a config; weights from a local CLIP checkpoint when given,
-otherwise random) and stays frozen: only the prompts and `text_to_visual` train. CLIP's text transformer is
-causal and pools at the end-of-text token, so the tokens after it cannot change the pooled feature: the prompt
-is run on its own length (12 tokens) instead of the 77-token context, the same result for 1/6 of the work.
+tower is open_clip's `TextTransformer` (built from a config; weights from a local CLIP file when given, read by
+open_clip's own loaders, otherwise random) and stays frozen: only the prompts and `text_to_visual` train. CLIP's
+text transformer is causal and pools at the end-of-text token, so the tokens after it cannot change the pooled
+feature: the prompt is run on its own length (12 tokens) instead of the 77-token context, the same result for 1/6
+of the work.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from open_clip.factory import load_state_dict
+from open_clip.model import convert_to_custom_text_state_dict
+from open_clip.openai import load_openai_model
 from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import TextTransformer
+from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
+
+from amfor.models.weights import is_torchscript
 
 log = logging.getLogger(__name__)
 
@@ -24,19 +31,51 @@ PROMPT = "A photo of a X X X X person."
 NUM_CONTEXT = 4  # learnable tokens per identity: the four X
 
 
+def read_clip_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """(state dict, from OpenAI's archive) of a local CLIP file, through open_clip's loaders.
+
+    A TorchScript archive (OpenAI's ViT-B-16.pt) goes through `open_clip.load_openai_model` (torch.jit.load, then
+    `build_model_from_openai_state_dict`, fp32), anything else through open_clip's `load_state_dict` (.safetensors
+    or a torch file read with weights_only; `state_dict` and `module.` unwrapped). Raises FileNotFoundError for a
+    missing file and ValueError, naming the file, for one open_clip cannot read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIP weights file not found: {path}")
+    openai = is_torchscript(path)
+    try:
+        if openai:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated; OpenAI ships only these
+                return load_openai_model(str(path), precision="fp32", device="cpu").state_dict(), True
+        state = load_state_dict(str(path), device="cpu", weights_only=True)
+    except Exception as err:  # unpickling, zip, safetensors header, a TorchScript archive that is no OpenAI CLIP
+        kind = "an OpenAI CLIP TorchScript archive" if openai else "a CLIP checkpoint"
+        raise ValueError(f"{path} is not readable as {kind} ({type(err).__name__}: {str(err)[:200]})") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no CLIP state dict (found {type(state).__name__})")
+    return state, False
+
+
 class TextEncoder(nn.Module):
     """open_clip `TextTransformer` run on token embeddings rather than token ids (frozen by the caller).
 
     width/heads/layers/output_dim: the tower's shape (CLIP ViT-B/16: 512/8/12/512); context_length: its
-    positional-embedding length (77 for CLIP checkpoints).
+    positional-embedding length (77 for CLIP checkpoints); quick_gelu: the activation OpenAI trained CLIP with
+    (set by `load_clip` for OpenAI's archives; open_clip's own checkpoints use GELU, the default).
     """
 
     def __init__(self, width: int = 512, heads: int = 8, layers: int = 12, output_dim: int = 512,
-                 context_length: int = 77, vocab_size: int = 49408) -> None:
+                 context_length: int = 77, vocab_size: int = 49408, quick_gelu: bool = False) -> None:
         super().__init__()
-        self.tower = TextTransformer(context_length=context_length, vocab_size=vocab_size, width=width, heads=heads,
-                                     layers=layers, output_dim=output_dim)
+        self.shape = dict(context_length=context_length, vocab_size=vocab_size, width=width, heads=heads,
+                          layers=layers, output_dim=output_dim)
+        self.quick_gelu = quick_gelu
+        self.tower = self._build_tower()
         self.width, self.output_dim = width, output_dim
+
+    def _build_tower(self) -> TextTransformer:
+        return TextTransformer(**self.shape, act_layer=QuickGELU if self.quick_gelu else nn.GELU)
 
     def token_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [S] long -> [S, width]."""
@@ -54,30 +93,38 @@ class TextEncoder(nn.Module):
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
     def load_clip(self, path: str | Path) -> list[str]:
-        """Load the text tower from a local open_clip / OpenAI CLIP state dict (.pt/.pth/.bin/.safetensors).
+        """Load the text tower from a local CLIP file: OpenAI's TorchScript archive (ViT-B-16.pt) or an open_clip
+        checkpoint (.pt/.pth/.bin/.safetensors), read by open_clip (`read_clip_state_dict`).
 
-        Keys may sit at the top level (CLIP) or under `text.` / `module.`; the visual tower's keys are ignored.
-        Returns the missing keys; a file without any text-tower key raises naming the file.
+        The text keys are found as open_clip finds them (`convert_to_custom_text_state_dict`: CLIP's top-level
+        token_embedding / transformer / ln_final / ... or `text.*`); the image tower's keys are ignored. An OpenAI
+        archive switches the tower to QuickGELU, as open_clip builds OpenAI models. Returns the missing keys;
+        raises, naming the file, for a file without text-tower keys or with a tower of another shape.
         """
-        from amfor.models.backbone import load_state_dict_file
-
-        state = load_state_dict_file(path)
+        state, openai = read_clip_state_dict(path)
         own = self.tower.state_dict()
-        picked = {}
-        for key, value in state.items():
-            for prefix in ("module.", "text.", ""):
-                name = key[len(prefix):] if key.startswith(prefix) else None
-                if name in own:
-                    picked[name] = value
-                    break
-        if not picked:
+        text = {k[len("text."):]: v for k, v in convert_to_custom_text_state_dict(state).items()
+                if k.startswith("text.")}
+        layers = {int(k.split(".")[2]) for k in text if k.startswith("transformer.resblocks.")}
+        if layers and max(layers) + 1 != self.shape["layers"]:
+            raise ValueError(f"{path}: its text tower has {max(layers) + 1} layers, this model's "
+                             f"{self.shape['layers']} (text_layers)")
+        text = {k: v for k, v in text.items() if k in own}
+        if not text:
             raise ValueError(f"{path}: no CLIP text-tower key (token_embedding, transformer.resblocks.*, ...) found")
-        pos, own_pos = picked.get("positional_embedding"), own["positional_embedding"]
-        if pos is not None and pos.shape != own_pos.shape:
-            raise ValueError(f"{path}: positional_embedding {tuple(pos.shape)} does not fit this tower's "
-                             f"{tuple(own_pos.shape)}")
-        missing, _ = self.tower.load_state_dict(picked, strict=False)
-        log.info("loaded CLIP text tower from %s (%d tensors, %d missing)", path, len(picked), len(missing))
+        wrong = [f"{k} {tuple(v.shape)} (this tower: {tuple(own[k].shape)})" for k, v in text.items()
+                 if v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"{path}: its text tower has another shape than this model's (text width, layers, "
+                             f"output dim, context length): {'; '.join(wrong[:3])}")
+        if openai and not self.quick_gelu:
+            self.quick_gelu = True  # OpenAI trained CLIP with QuickGELU (open_clip's load_openai_model does the same)
+            old, ref = self.tower, self.tower.positional_embedding
+            self.tower = self._build_tower().to(ref.device, ref.dtype).requires_grad_(ref.requires_grad)
+            self.tower.train(old.training)
+        missing, _ = self.tower.load_state_dict(text, strict=False)
+        log.info("loaded CLIP text tower from %s (%d tensors, %d missing, %s)", path, len(text), len(missing),
+                 "QuickGELU" if self.quick_gelu else "GELU")
         return list(missing)
 
 
