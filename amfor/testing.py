@@ -223,11 +223,14 @@ def fake_tensors(device: str | torch.device = "cuda") -> Iterator[FakeTier]:
     from unittest import mock
 
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     device = torch.device(device)
     from amfor.ops import _registry
 
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+    # a shape environment: an op whose output's shape depends on the data (torch.unique) gets a symbolic size;
+    # inputs keep their static shapes
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=False, shape_env=ShapeEnv(), static_shapes=True)
     tier = FakeTier(fake_mode, device)
     choose = _registry.Dispatch.backend
 

@@ -20,8 +20,11 @@ def check_pids(pids: torch.Tensor, batch: int, name: str = "pids") -> None:
 
 
 def out_of_range(t: torch.Tensor, low: int, high: int) -> tuple[int, int] | None:
-    """(min, max) of t if some value lies outside [low, high), else None: one host sync, min/max only on failure."""
-    if t.numel() == 0 or not bool(((t < low) | (t >= high)).any()):
+    """(min, max) of t if some value lies outside [low, high), else None: one host sync, min/max only on failure.
+
+    Nothing is read (None) under torch.compile: a host read there would break the graph.
+    """
+    if t.numel() == 0 or torch.compiler.is_compiling() or not bool(((t < low) | (t >= high)).any()):
         return None
     return int(t.min()), int(t.max())
 
