@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -90,7 +91,7 @@ def assert_close_lowp(actual: torch.Tensor, reference: torch.Tensor, reference_l
 # ---------------------------------------------------------------------------------------------------------
 # The fake-tensor tier: shapes, devices, dtypes and host synchronisations of a whole model step, no GPU needed
 # ---------------------------------------------------------------------------------------------------------
-_AMFOR_DIR = __file__.rsplit("/", 1)[0] + "/"
+_AMFOR_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class HostSyncError(AssertionError):
@@ -106,11 +107,13 @@ def _call_site(depth: int = 3) -> str:
     <- amfor/losses/identity.py:35 in identity_loss <- ..."), else the caller's frame."""
     import traceback
 
-    frames = [f for f in traceback.extract_stack()[:-2] if not f.filename.endswith("amfor/testing.py")]
-    ours = [f for f in frames if f.filename.startswith(_AMFOR_DIR)][::-1][:depth]
+    here = os.path.abspath(__file__)
+    frames = [(os.path.abspath(f.filename), f) for f in traceback.extract_stack()[:-2]]
+    frames = [(path, f) for path, f in frames if path != here]
+    ours = [(path, f) for path, f in frames if path.startswith(_AMFOR_DIR)][::-1][:depth]
     if not ours:
-        return f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}"
-    return " <- ".join(f"amfor/{f.filename[len(_AMFOR_DIR):]}:{f.lineno} in {f.name}" for f in ours)
+        return f"{frames[-1][0]}:{frames[-1][1].lineno} in {frames[-1][1].name}"
+    return " <- ".join(f"amfor/{path[len(_AMFOR_DIR):]}:{f.lineno} in {f.name}" for path, f in ours)
 
 
 def _tensors(args, kwargs) -> list[torch.Tensor]:
@@ -132,7 +135,7 @@ def _is_sync(func, args, kwargs) -> str | None:
         return f"{func.overloadpacket.__name__} (the output's shape depends on the data)"
     if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
         src = args[1] if func is torch.ops.aten.copy_.default else args[0]
-        dst = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device", src.device)
+        dst = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device") or src.device
         if src.device.type == "cuda" and torch.device(dst).type == "cpu":
             return "a copy from the GPU to the host"
     return None
@@ -166,6 +169,8 @@ class FakeTier(torch.utils._python_dispatch.TorchDispatchMode):
             return self.fake_mode.from_tensor(t).to(self.device)
 
     def module(self, m: torch.nn.Module) -> torch.nn.Module:
+        """m with every parameter and buffer replaced, in place, by a fake one on the tier's device; build m
+        outside the block (a module built inside already holds fake tensors of the default device)."""
         return m._apply(self.tensor)
 
     def assert_syncs(self, at_most: int, what: str = "the step") -> None:
