@@ -194,7 +194,7 @@ def test_a_training_step_of_the_model_synchronises_with_the_host_at_most_once():
         tier.assert_syncs(1, "a training step of the model")
 
 
-def _loss_calls(tier, decoder):
+def _loss_calls(tier, decoder, vit):
     """(name, call(check) -> the call, file the check lives in) of each component that can skip its check."""
     from amfor.losses import (
         feature_reconstruction_loss,
@@ -204,12 +204,13 @@ def _loss_calls(tier, decoder):
         parsing_loss,
         part_triplet_loss,
     )
+    from amfor.nn import masked_forward_features
 
     f = tier.tensor
     torch.manual_seed(0)
     pids, vis = f(torch.tensor([0, 0, 1, 1])), f(torch.ones(4, 3))
     parts, mask = f(torch.randn(4, 3, 8)), f(torch.randint(-1, 5, (4, 32, 16)))
-    decoder = tier.module(decoder)
+    decoder, vit, images = tier.module(decoder), tier.module(vit), f(torch.randn(4, 3, 64, 32))
     latent, index = f(torch.randn(4, 1 + 3, 8)), f(torch.stack([torch.randperm(8)[:3] for _ in range(4)]))
     return [
         ("identity_loss", lambda c: identity_loss(f(torch.randn(4, 5)), pids, check=c), "losses/identity.py"),
@@ -221,16 +222,21 @@ def _loss_calls(tier, decoder):
          "losses/parsing.py"),
         ("mask_to_token_fractions", lambda c: mask_to_token_fractions(mask, 16, 16, 5, check=c), "losses/parsing.py"),
         ("MAEDecoder", lambda c: decoder(latent, index, check_index=c), "nn/masked_vit.py"),
+        ("masked_forward_features", lambda c: masked_forward_features(vit, images, index, check_index=c),
+         "nn/masked_vit.py"),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(8))
 def test_components_skip_their_host_synchronising_checks_when_told(case):
+    from timm.models.vision_transformer import VisionTransformer
+
     from amfor.nn import MAEDecoder
 
     decoder = MAEDecoder(8, 8, 12, decoder_dim=8, num_heads=2)
+    vit = VisionTransformer(img_size=(64, 32), patch_size=16, embed_dim=8, depth=1, num_heads=2, num_classes=0)
     with fake_tensors("cpu") as tier:
-        name, call, where = _loss_calls(tier, decoder)[case]
+        name, call, where = _loss_calls(tier, decoder, vit)[case]
         tier.reset()
         call(True)
         assert tier.syncs and all(where in site for _, site in tier.syncs), f"{name}: {tier.syncs}"
