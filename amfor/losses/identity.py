@@ -20,19 +20,26 @@ def check_pids(pids: torch.Tensor, batch: int, name: str = "pids") -> None:
 
 
 def out_of_range(t: torch.Tensor, low: int, high: int) -> tuple[int, int] | None:
-    """(min, max) of t if some value lies outside [low, high), else None: one host sync, min/max only on failure."""
-    if t.numel() == 0 or not bool(((t < low) | (t >= high)).any()):
+    """(min, max) of t if some value lies outside [low, high), else None: one host sync, min/max only on failure.
+
+    Nothing is read (None) under torch.compile: a host read there would break the graph.
+    """
+    if t.numel() == 0 or torch.compiler.is_compiling() or not bool(((t < low) | (t >= high)).any()):
         return None
     return int(t.min()), int(t.max())
 
 
-def identity_loss(logits: torch.Tensor, pids: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy (at least float32) of logits [B, C] against pids [B] with values in [0, C); scalar."""
+def identity_loss(logits: torch.Tensor, pids: torch.Tensor, label_smoothing: float = 0.0, *,
+                  check: bool = True) -> torch.Tensor:
+    """Mean cross-entropy (at least float32) of logits [B, C] against pids [B] with values in [0, C); scalar.
+
+    check=False skips the range check of pids (a host sync): for a caller that checked them already.
+    """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, C], got {list(logits.shape)}")
     B, C = logits.shape
     check_pids(pids, B)
-    bad = out_of_range(pids, 0, C)
+    bad = out_of_range(pids, 0, C) if check else None
     if bad:
         raise ValueError(f"pids must lie in [0, {C}) (the classifier's {C} classes), got values in "
                          f"[{bad[0]}, {bad[1]}]")

@@ -19,9 +19,11 @@ from amfor.losses.reconstruction import patchify
 IGNORE = -1  # token label: no parsing mask (amfor.data NO_MASK) for its pixels
 
 
-def token_part_counts(mask: torch.Tensor, patch_size: int, stride: int, num_classes: int) -> torch.Tensor:
+def token_part_counts(mask: torch.Tensor, patch_size: int, stride: int, num_classes: int, *,
+                      check: bool = True) -> torch.Tensor:
     """Pixels of each label in each token's p x p window: mask [B, H, W] (integer labels in [0, num_classes),
-    -1 = no mask) -> counts [B, N, num_classes] (float32; -1 pixels are not counted).
+    -1 = no mask) -> counts [B, N, num_classes] (float32; -1 pixels are not counted). check=False skips the
+    range check of the labels (a host sync): for masks the caller checked already.
 
     N = ny * nx with ny = (H - p) // s + 1 and nx = (W - p) // s + 1, tokens in row-major order (as the ViT
     flattens its grid). One index_add, no [B, C, H, W] one-hot.
@@ -32,7 +34,7 @@ def token_part_counts(mask: torch.Tensor, patch_size: int, stride: int, num_clas
     if not 0 < stride <= patch_size <= min(H, W):
         raise ValueError(f"need 0 < stride <= patch_size <= min(H, W), got stride {stride}, patch_size "
                          f"{patch_size}, mask {H}x{W}")
-    bad = out_of_range(mask, IGNORE, num_classes)
+    bad = out_of_range(mask, IGNORE, num_classes) if check else None
     if bad:
         raise ValueError(f"mask values must lie in [0, {num_classes}) or be -1 (no mask), got [{bad[0]}, {bad[1]}]")
     windows = patchify(mask[:, None], patch_size, stride)  # [B, N, p*p] labels
@@ -44,31 +46,34 @@ def token_part_counts(mask: torch.Tensor, patch_size: int, stride: int, num_clas
     return counts.view(B, N, num_classes)
 
 
-def mask_to_tokens(mask: torch.Tensor, patch_size: int, stride: int, num_classes: int) -> torch.Tensor:
+def mask_to_tokens(mask: torch.Tensor, patch_size: int, stride: int, num_classes: int, *,
+                   check: bool = True) -> torch.Tensor:
     """Part label of each token (majority vote): mask [B, H, W] -> [B, N] (see `token_part_counts`).
 
     Each token gets the label with the largest area in its window (ties: the lower label, e.g. background); a
     token with no labelled pixel (every token of an image without a mask, which is -1 everywhere) is -1.
     Thin parts (arms, feet at 16x16 patches) rarely win a vote: `mask_to_token_fractions` keeps them.
     """
-    counts = token_part_counts(mask, patch_size, stride, num_classes)
+    counts = token_part_counts(mask, patch_size, stride, num_classes, check=check)
     return counts.argmax(-1).masked_fill(counts.sum(-1) == 0, IGNORE)  # argmax: the first maximum, lower label
 
 
-def mask_to_token_fractions(mask: torch.Tensor, patch_size: int, stride: int, num_classes: int) -> torch.Tensor:
+def mask_to_token_fractions(mask: torch.Tensor, patch_size: int, stride: int, num_classes: int, *,
+                            check: bool = True) -> torch.Tensor:
     """Share of each label in each token's window: mask [B, H, W] -> [B, N, num_classes] float32, rows summing
     to 1, or all 0 for a token with no labelled pixel (see `token_part_counts`)."""
-    counts = token_part_counts(mask, patch_size, stride, num_classes)
+    counts = token_part_counts(mask, patch_size, stride, num_classes, check=check)
     return counts / counts.sum(-1, keepdim=True).clamp(min=1)
 
 
 def parsing_loss(token_logits: torch.Tensor, token_targets: torch.Tensor,
-                 label_smoothing: float = 0.1) -> torch.Tensor:
+                 label_smoothing: float = 0.1, *, check: bool = True) -> torch.Tensor:
     """Cross-entropy (at least float32) of token_logits [B, N, C] against the token targets, averaged over the
     labelled tokens; 0 (finite, connected to the graph) when none is labelled.
 
     token_targets: integer labels [B, N] in [0, C) (-1 ignored), or soft targets [B, N, C] (float, each row a
-    distribution over the labels, e.g. `mask_to_token_fractions`; an all-zero row is ignored).
+    distribution over the labels, e.g. `mask_to_token_fractions`; an all-zero row is ignored). check=False skips
+    the range check of integer labels (a host sync): for labels the caller made or checked.
     """
     if token_logits.dim() != 3:
         raise ValueError(f"token_logits must be [B, N, C], got {list(token_logits.shape)}")
@@ -78,7 +83,7 @@ def parsing_loss(token_logits: torch.Tensor, token_targets: torch.Tensor,
     if token_targets.shape != (B, N):
         raise ValueError(f"token_targets must be integer labels [B, N] = [{B}, {N}] or soft targets [B, N, C] = "
                          f"[{B}, {N}, {C}], got {token_targets.dtype} {list(token_targets.shape)}")
-    bad = out_of_range(token_targets, IGNORE, C)
+    bad = out_of_range(token_targets, IGNORE, C) if check else None
     if bad:
         raise ValueError(f"token_targets must lie in [0, {C}) or be -1 (ignored), got [{bad[0]}, {bad[1]}]")
     targets = token_targets.reshape(-1).long()

@@ -58,17 +58,18 @@ def patch_reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: to
 
 
 def feature_reconstruction_loss(pred: torch.Tensor, target: torch.Tensor,
-                                weight: torch.Tensor | None = None) -> torch.Tensor:
+                                weight: torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
     """Weighted mean over parts of the per-part MSE between pred [B, P, D] and target [B, P, D].
 
     weight [B, P] (>= 0, e.g. 1 for the parts that were hidden and rebuilt) or None (plain mean); 0 when all
-    weights are 0. Pass the target detached when it must not be moved by this loss.
+    weights are 0. Pass the target detached when it must not be moved by this loss. check=False skips the check
+    that weight is >= 0 (a host sync): for weights the caller made so.
     """
     if pred.dim() != 3 or pred.shape != target.shape:
         raise ValueError(f"pred {list(pred.shape)} and target {list(target.shape)} must both be [B, P, D]")
     if weight is not None and weight.shape != pred.shape[:2]:
         raise ValueError(f"weight must be [B, P] = {list(pred.shape[:2])}, got {list(weight.shape)}")
-    if weight is not None and bool((weight < 0).any()):
+    if check and weight is not None and bool((weight < 0).any()):
         raise ValueError("weight must be >= 0")
     with torch.autocast(pred.device.type, enabled=False):
         per_part = (upcast(pred) - upcast(target)).pow(2).mean(dim=-1)  # [B, P]

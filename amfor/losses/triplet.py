@@ -77,15 +77,18 @@ def part_distances(parts: torch.Tensor, visibility: torch.Tensor | None = None) 
 
 
 def part_triplet_loss(parts: torch.Tensor, pids: torch.Tensor, margin: float | None = None,
-                      visibility: torch.Tensor | None = None) -> torch.Tensor:
-    """Batch-hard triplet loss on parts [B, P, D] with the distance of `part_distances`; scalar."""
+                      visibility: torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
+    """Batch-hard triplet loss on parts [B, P, D] with the distance of `part_distances`; scalar.
+
+    check=False skips the check that visibility is >= 0 (a host sync): for weights the caller made so.
+    """
     if parts.dim() != 3:
         raise ValueError(f"parts must be [B, P, D], got {list(parts.shape)}")
     B, P, _ = parts.shape
     check_pids(pids, B)
     if visibility is not None and visibility.shape != (B, P):
         raise ValueError(f"visibility must be [B, P] = [{B}, {P}], got {list(visibility.shape)}")
-    if visibility is not None and bool((visibility < 0).any()):
+    if check and visibility is not None and bool((visibility < 0).any()):
         raise ValueError("visibility weights must be >= 0")
     with torch.autocast(parts.device.type, enabled=False):
         return batch_hard_triplet(part_distances(upcast(parts), visibility), pids, margin)

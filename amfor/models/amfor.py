@@ -369,7 +369,7 @@ class AMFOR(nn.Module):
             occluded = patch_occlusion(occlusion, vit.patch_size, vit.stride).flatten(1)
         index, _, target = choose_masked_patches(occluded, B, N, self.mask_ratio, device=images.device)
         latent = self.forward_encoder(images, camids, text_keys, index, fusion=self.hpr_fusion, patches=patches)
-        pred = self.patch_decoder(latent, index)
+        pred = self.patch_decoder(latent, index, check_index=False)  # the indices made above
         pixels = patchify(images, vit.patch_size, vit.stride)
         losses = {"reconstruction": patch_reconstruction_loss(pred, pixels, target)}
         if g is not None:
@@ -384,7 +384,7 @@ class AMFOR(nn.Module):
                        targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Unweighted loss terms of the global branch (g [B, D]), the text bank and the part branch."""
         _, logits = self.global_neck(g)
-        losses = {"id": identity_loss(logits, pids, self.label_smoothing),
+        losses = {"id": identity_loss(logits, pids, self.label_smoothing, check=False),
                   "triplet": triplet_loss(g, pids, self.triplet_margin)}
         if self.text is not None and self.loss_weights["i2t"] != 0:
             bank = self.text.visual_bank("all")
@@ -402,11 +402,11 @@ class AMFOR(nn.Module):
         B, P = pids.shape[0], self.num_parts
         vis = self.visibility_targets(targets, part["probs"])
         student = part["student"]
-        losses = {"visibility": focal_loss(part["vis_logits"], vis),
-                  "triplet_parts": part_triplet_loss(student[:, 2:], pids, self.triplet_margin, vis),
+        losses = {"visibility": focal_loss(part["vis_logits"], vis, check=False),
+                  "triplet_parts": part_triplet_loss(student[:, 2:], pids, self.triplet_margin, vis, check=False),
                   "diversity": diversity_loss(student[:, 2:], _part_pairs(self.flip_pairs)),
                   "id_foreground": identity_loss(self.foreground_neck(part["foreground"])[1], pids,
-                                                 self.label_smoothing)}
+                                                 self.label_smoothing, check=False)}
         if targets is not None:
             losses["parsing"] = parsing_loss(part["part_logits"], targets, self.parsing_smoothing)
         passes = [("student", student, part["foreground"])]
@@ -417,7 +417,7 @@ class AMFOR(nn.Module):
         id_parts, id_gran, gran = [], [], {}
         for name, out, fg in passes:  # the student's statistics alone are tracked: inference normalises its parts
             logits = self.parts_neck(out[:, 2:].flatten(1), track=name == "student")[1]
-            id_parts.append(identity_loss(logits, pids, self.label_smoothing))
+            id_parts.append(identity_loss(logits, pids, self.label_smoothing, check=False))
             feats = torch.cat([out[:, :1], out[:, 2:], fg[:, None]], dim=1)  # [B, P + 2, D]
             _, logits = self.granularity_necks(feats)  # [P + 2, B, C]
             ce = F.cross_entropy(logits.flatten(0, 1).float(), pids.repeat(P + 2), reduction="none").view(P + 2, B)
@@ -450,8 +450,8 @@ class AMFOR(nn.Module):
             logits = self.recon_neck(rebuilt.flatten(1))[1]
         else:  # the student's classifier; the rebuilt parts are not what inference normalises: untracked
             logits = self.parts_neck(rebuilt.flatten(1), track=False)[1]
-        return {"id_recon": identity_loss(logits, pids, self.label_smoothing),
-                "part_reconstruction": feature_reconstruction_loss(rebuilt, target, drop.float())}
+        return {"id_recon": identity_loss(logits, pids, self.label_smoothing, check=False),
+                "part_reconstruction": feature_reconstruction_loss(rebuilt, target, drop.float(), check=False)}
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, *args, **kwargs) -> dict[str, torch.Tensor]:

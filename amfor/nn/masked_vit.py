@@ -29,16 +29,19 @@ def _check_vit(vit: nn.Module) -> None:
         raise ValueError("masked_forward_features needs a fixed image size (dynamic_img_size=False)")
 
 
-def masked_forward_features(vit: nn.Module, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def masked_forward_features(vit: nn.Module, images: torch.Tensor, index: torch.Tensor, *,
+                            check_index: bool = True) -> torch.Tensor:
     """timm ViT `forward_features` on the kept patches: images [B, C, H, W], index [B, K] (patch numbers, prefix
-    tokens excluded)  ->  [B, P + K, D] (prefix tokens first, then the kept patches in `index` order)."""
+    tokens excluded)  ->  [B, P + K, D] (prefix tokens first, then the kept patches in `index` order).
+    check_index=False skips the value check of `index` (a host sync): for indices the caller made, e.g. with
+    `random_masking`."""
     _check_vit(vit)
     x = vit.patch_embed(images)  # [B, N, D]
     B, P = x.shape[0], vit.num_prefix_tokens
     pos = vit.pos_embed[0] if vit.pos_embed is not None else None
     no_embed_class = getattr(vit, "no_embed_class", False)
     patch_pos = pos if (pos is None or no_embed_class) else pos[P:]
-    kept = masked_gather(x, index, patch_pos)
+    kept = masked_gather(x, index, patch_pos, check_index=check_index)
     prefix = [t.expand(B, -1, -1) for t in (getattr(vit, "cls_token", None), getattr(vit, "reg_token", None))
               if t is not None]
     if prefix:
@@ -58,6 +61,8 @@ class MAEDecoder(nn.Module):
     embed D -> decoder_dim, the K kept tokens scattered onto the N-token grid with a learned mask token and the
     decoder's learned position embedding in one pass, `depth` timm Blocks, a prediction head (e.g. 3 p p pixels).
     normalize_input: LayerNorm on the encoder output first (for an encoder without a final norm).
+    forward(..., check_index=False) skips the value check of `index` (in range, unique per row: host syncs), for
+    indices the caller made, e.g. the ones its encoder was given.
     """
 
     def __init__(self, embed_dim: int, num_patches: int, out_dim: int, decoder_dim: int = 512, depth: int = 1,
@@ -75,11 +80,12 @@ class MAEDecoder(nn.Module):
         trunc_normal_(self.mask_token, std=0.02)
         trunc_normal_(self.pos_embed, std=0.02)
 
-    def forward(self, latent: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, index: torch.Tensor, *, check_index: bool = True) -> torch.Tensor:
         P = self.num_prefix_tokens
         x = self.embed(self.norm_in(latent))
         prefix = x[:, :P] + self.pos_embed[:P]
-        grid = masked_scatter(x[:, P:], index, self.num_patches, self.mask_token, self.pos_embed[P:])
+        grid = masked_scatter(x[:, P:], index, self.num_patches, self.mask_token, self.pos_embed[P:],
+                              check_index=check_index)
         x = torch.cat([prefix, grid], dim=1)
         for blk in self.blocks:
             x = blk(x)
