@@ -131,8 +131,9 @@ def grad_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the fused ops store the logits' gradient in: the logits dtype, float32 for float16 logits.
 
     The gradient of a batchmean loss is ~T / (B C) per entry (3e-6 at B = 64, C = 4101): below float16's
-    smallest normal (6e-5), so rounding it to float16 before the loss scale lifts it lost digits (15% of the
-    entries off by more than 10% at C = 4101) or flushed it to zero. bfloat16 has float32's range: kept.
+    smallest normal (6e-5), so rounding it to float16 before the loss scale lifts it lost digits or flushed it to
+    zero (measured at T = 2 and a 2^16 scale: 3.9% of the entries off by more than 10%, 0.8% zero; the reference
+    path: none). bfloat16 has float32's range: kept.
     """
     return torch.float32 if dtype == torch.float16 else dtype
 
