@@ -92,7 +92,7 @@ class TrainConfig:
     keep_checkpoints: int = 0           # also keep the N latest numbered checkpoints (0 = only last.pt/best.pt)
     log_every: int = 20                 # steps between log lines (and loss checks on GPU)
     sync_bn: bool = True                # SyncBatchNorm under multi-GPU DDP (not supported on CPU/gloo)
-    find_unused_parameters: bool = True  # DDP: allow parameters without gradient in a step; false is faster
+    find_unused_parameters: bool = False  # DDP: true allows parameters without gradient in a step (slower)
 
 
 @dataclass

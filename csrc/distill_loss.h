@@ -5,6 +5,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "common.h"
 
@@ -33,6 +34,15 @@ inline void check_inputs(const at::Tensor& student, const at::Tensor& teacher, d
     check_same_device(student, *weights, "weights");
   }
 }
+
+// The dtype of the stored gradients: the logits dtype, except float32 for float16 logits. The gradient of a
+// batchmean loss over C classes is ~T / (B C) per entry (3e-6 at B = 64, C = 4101): float16 subnormals, which
+// lose digits or flush to zero before the AMP loss scale could lift them. float32 keeps them; the backward then
+// rounds grad_output x gradient once to float16. (bfloat16 has float32's exponent range: kept in bfloat16.)
+inline at::ScalarType grad_dtype(at::ScalarType logits) { return logits == at::kHalf ? at::kFloat : logits; }
+
+template <typename scalar_t>
+using grad_type = std::conditional_t<std::is_same_v<scalar_t, at::Half>, float, scalar_t>;
 
 // 1 / B for batchmean, 1 for sum and none: the factor the reduction gives each weighted row.
 inline double grad_factor(c10::string_view reduction, int64_t batch) {

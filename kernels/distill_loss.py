@@ -6,8 +6,10 @@ and, when asked, the gradients of scale[r] * loss[r] with respect to both rows, 
 (batchmean) or w[g] (sum, none) is the factor the weights and the reduction give row r = (g, b):
     d loss[r] / d student = T * (p_s - p_t)
     d loss[r] / d teacher = T * p_t * (log p_t - log p_s - KL)
-Folding the scale in before the single rounding to the logits dtype makes the stored gradient the final one
-for grad_output = 1, so the backward only multiplies it by grad_output.
+Folding the scale in before the single rounding to the gradients' dtype makes the stored gradient the final one
+for grad_output = 1, so the backward only multiplies it by grad_output. The gradients are stored in the logits
+dtype, float32 for float16 logits (amfor.ops.distill_loss.grad_dtype: ~T / (B C) per entry is a float16
+subnormal before the AMP loss scale).
 A row of up to MAX_BLOCK classes is loaded once and kept in registers: row maxima, then the sums of the
 shifted exponentials Z_s, Z_t and A = sum exp(dt) * (dt - ds) (ds = s - max s, dt = t - max t), so that
 KL = A / Z_t - log Z_t + log Z_s involves only shifted values (no cancellation between large logits), then the
@@ -50,8 +52,8 @@ def _store_grads(grad_s_ptr, grad_t_ptr, offs, ok, ds, dt, e_s, e_t, log_zs, log
 @triton.jit
 def _distill_kl_kernel(
     loss_ptr,  # [R] float32 (float64 for float64 logits): T^2 * KL(p_t || p_s) of each row
-    grad_s_ptr,  # [R, C] contiguous, logits dtype: scale[r] * d loss[r] / d student[r] (when STUDENT_GRAD)
-    grad_t_ptr,  # [R, C] contiguous, logits dtype: scale[r] * d loss[r] / d teacher[r] (when TEACHER_GRAD)
+    grad_s_ptr,  # [R, C] contiguous, gradients' dtype: scale[r] * d loss[r] / d student[r] (when STUDENT_GRAD)
+    grad_t_ptr,  # [R, C] contiguous, gradients' dtype: scale[r] * d loss[r] / d teacher[r] (when TEACHER_GRAD)
     s_ptr,  # [R, C] student logits, row stride s_stride, unit column stride
     t_ptr,  # [R, C] teacher logits, row stride t_stride, unit column stride
     w_ptr,  # [R // B] granularity weights, float32/float64 (read when HAS_WEIGHTS): scale[r] = factor * w[r // B]
@@ -159,13 +161,15 @@ def distill_kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: f
 
     student, teacher: [G, B, C] (same shape and dtype); weights: [G] float32/float64 or None; the gradients are
     those of factor * w[g] * loss[g, b]  ->  loss_rows [G, B] float32 (float64 for float64 logits), grad_student
-    and grad_teacher [G, B, C] in the logits dtype (empty [0] tensors when not asked for).
+    and grad_teacher [G, B, C] in the logits dtype, float32 for float16 logits (empty [0] tensors when not asked
+    for).
     """
     G, B, C = student.shape
     acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    grad_dtype = torch.float32 if student.dtype == torch.float16 else student.dtype
     loss = torch.empty((G, B), dtype=acc_dtype, device=student.device)
-    grad_s = student.new_empty((G, B, C) if student_grad else (0,))
-    grad_t = teacher.new_empty((G, B, C) if teacher_grad else (0,))
+    grad_s = student.new_empty((G, B, C) if student_grad else (0,), dtype=grad_dtype)
+    grad_t = teacher.new_empty((G, B, C) if teacher_grad else (0,), dtype=grad_dtype)
     if loss.numel() == 0:
         return loss, grad_s, grad_t
     s, t = _rows(student), _rows(teacher)

@@ -60,7 +60,9 @@ class MetricsLog:
 
 
 class LoggerHook(HookBase):
-    """Every `every` steps: losses (means over the window and ranks), lr, images/s to the log and the bar."""
+    """Every `every` steps: losses (means over the window and ranks), lr, images/s to the log and the bar; under
+    fp16 also the loss scale (`amp_scale`) and the steps skipped for a gradient overflow (`amp_overflows`, and a
+    log line when there were some)."""
 
     def __init__(self, log: MetricsLog, every: int, images_per_step: int) -> None:
         self.log, self.every, self.images_per_step = log, every, images_per_step
@@ -91,16 +93,24 @@ class LoggerHook(HookBase):
         if t.device.type == "cuda":
             torch.cuda.synchronize(t.device)
         now = time.perf_counter()
-        img_s = (t.step - self._s) * self.images_per_step / max(now - self._t, 1e-9)
+        window = t.step - self._s
+        img_s = window * self.images_per_step / max(now - self._t, 1e-9)
         self._t, self._s = now, t.step
         lr = min(g["lr"] for g in t.optimizer.param_groups)  # the base lr (biases get bias_lr_factor x)
         record = {"type": "train", "stage": t.stage, "step": t.step, "epoch": t.epoch, "lr": lr, **values,
                   "img_s": img_s}
+        scaler = getattr(t, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            record["amp_scale"] = scaler.get_scale()
         if du.is_main():
             self.log.write(record)
+            skipped = values.get("amp_overflows", 0)
+            if skipped:
+                logger.info("stage %d step %d: %d step(s) of the last %d skipped for an fp16 gradient overflow "
+                            "(loss scale now %g)", t.stage, t.step, skipped, window, record["amp_scale"])
             if self.bar is not None:
-                self.bar.set_postfix({"loss": f"{values.get('loss', math.nan):.4f}", "img/s": f"{img_s:.1f}"},
-                                     refresh=False)
+                postfix = {"loss": f"{values.get('loss', math.nan):.4f}", "img/s": f"{img_s:.1f}"}
+                self.bar.set_postfix({**postfix, "skipped": skipped} if skipped else postfix, refresh=False)
 
     def after_train(self) -> None:
         if self.bar is not None:

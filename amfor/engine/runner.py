@@ -76,10 +76,10 @@ def build_data(cfg: DictConfig, test: bool = False) -> ReIDData:
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """train.amp -> the autocast dtype (None: float32). bf16 and fp16 work on CPU too (torch's CPU autocast and
+    GradScaler), so CI runs both paths; auto is bf16 (fp16 where the GPU lacks bf16) on CUDA, none on CPU."""
     if mode == "none" or (mode == "auto" and device.type != "cuda"):
         return None
-    if mode == "fp16" and device.type != "cuda":
-        raise C.ConfigError("train.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
     if mode == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if mode == "bf16" else torch.float16
@@ -228,15 +228,22 @@ class Run:
         self.finish_stage1()
 
     def cache_features(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage-1 image features of the un-augmented training images, once per run: [N, D] and pids [N]."""
-        model = self.model
+        """Stage-1 image features of the un-augmented training images, once per run: [N, D] and pids [N].
+
+        The model is a submodule of the wrapper, so extract()'s eval() reaches it (no dropout or drop-path while
+        caching) and its train() afterwards restores the model's own mode."""
 
         class Stage1Features(torch.nn.Module):  # the extract() contract over stage1_features
+            def __init__(self, model: torch.nn.Module) -> None:
+                super().__init__()
+                self.model = model
+
             def forward(self, img, camid, global_only=False):
-                return {"features": model.stage1_features(img, camid)}
+                return {"features": self.model.stage1_features(img, camid)}
 
         t = time.time()
-        feats = extract(Stage1Features(), self.data.train, self.device, self.size, self.cfg.data.test_batch_size,
+        wrapper = Stage1Features(self.model).train(self.model.training)
+        feats = extract(wrapper, self.data.train, self.device, self.size, self.cfg.data.test_batch_size,
                         self.workers, global_only=True, amp_dtype=self.amp)["features"]
         pids = torch.tensor([r.pid for r in self.data.train], device=self.device)
         logger.info("stage 1: cached %d image features in %.1f s", len(feats), time.time() - t)

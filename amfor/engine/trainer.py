@@ -8,6 +8,11 @@ define `start_epoch()` (set up the epoch's batches from `batch` on) and `run_ste
 Losses are recorded as detached device tensors and checked together (one synchronisation) when a
 hook calls `check()`: every step on CPU, at log steps and before checkpoints on GPU. A non-finite term
 raises NonFiniteLossError naming it, before anything else is written.
+
+Under float16 autocast the GradScaler overflows on purpose (it starts at 2^16 and doubles every 2,000 steps
+until the scaled gradients overflow): such a step is skipped (GradScaler's own behaviour: no optimizer step,
+a halved scale) and counted as `amp_overflows` in the log, its infinite gradient norm left out of
+`grad_norm`. A NaN or inf loss term still stops the run; without float16 a non-finite gradient norm does too.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class TrainerBase:
         self.hooks: list[HookBase] = []
         self.check_every_step = device.type == "cpu" if check_every_step is None else check_every_step
         self.loss_names: list[str] = []
+        self.check_grad_norm = True  # False where a GradScaler skips the steps whose gradients overflow
         self._pending: list[tuple[int, torch.Tensor]] = []
         self._window_sum: torch.Tensor | None = None
         self._window_n = 0
@@ -111,7 +117,8 @@ class TrainerBase:
         steps = [s for s, _ in self._pending]
         rows = torch.stack([r for _, r in self._pending])
         self._pending = []
-        checked = [i for i, k in enumerate(self.loss_names) if k.startswith("loss") or k == "grad_norm"]
+        checked = [i for i, k in enumerate(self.loss_names)
+                   if k.startswith("loss") or (k == "grad_norm" and self.check_grad_norm)]
         bad = ~torch.isfinite(rows[:, checked])
         packet = torch.cat([rows.sum(0), bad.any(0).float(), torch.tensor([float(len(steps))], device=rows.device)])
         packet = du.all_reduce_sum(packet)
@@ -136,13 +143,23 @@ class TrainerBase:
         raise NonFiniteLossError(f"{what} {at}: stopping; the last good checkpoint is kept")
 
     def pop_window(self) -> dict[str, float]:
-        """Means over ranks and steps of the values checked since the last call."""
+        """Means over ranks and steps of the values checked since the last call; `amp_overflows`: the number of
+        steps skipped for an fp16 overflow (the same on every rank), `grad_norm` the mean over the other steps."""
         self.check()
         if self._window_sum is None or self._window_n == 0:
             return {}
-        means = (self._window_sum / self._window_n).tolist()
+        means = dict(zip(self.loss_names, (self._window_sum / self._window_n).tolist(), strict=True))
+        steps = self._window_n / du.get_world_size()
         self._window_sum, self._window_n = None, 0
-        return dict(zip(self.loss_names, means, strict=True))
+        if "amp_overflows" in means:
+            skipped = means["amp_overflows"]  # the share of the window's steps
+            means["amp_overflows"] = round(skipped * steps)
+            if "grad_norm" in means and skipped > 0:  # recorded as 0 on the skipped steps
+                if skipped < 1:
+                    means["grad_norm"] /= 1 - skipped
+                else:
+                    del means["grad_norm"]
+        return means
 
     def state_dict(self) -> dict:
         return {"stage": self.stage, "step": self.step, "epoch": self.epoch, "batch": self.batch,
@@ -161,6 +178,7 @@ class _Optimised(TrainerBase):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.amp_dtype, self.clip_grad = amp_dtype, clip_grad
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.check_grad_norm = not self.scaler.is_enabled()
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def autocast(self):
@@ -169,6 +187,8 @@ class _Optimised(TrainerBase):
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def optimise(self, loss: torch.Tensor, reduce_grads: bool = False) -> dict:
+        """Backward (scaled under fp16), clipping and the optimizer step -> the values to record with the losses:
+        grad_norm (when clipping), amp_overflows (under fp16: 1.0 when an overflow made GradScaler skip the step)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if reduce_grads:
@@ -177,8 +197,17 @@ class _Optimised(TrainerBase):
         if self.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             extra["grad_norm"] = nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        if not self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            return extra
+        scale = self.scaler._scale.clone()  # a device tensor: no host sync (get_scale() would be one)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        # update() lowers the scale exactly when the step found an inf/NaN gradient and was skipped
+        skipped = (self.scaler._scale < scale).float().reshape(())
+        extra["amp_overflows"] = skipped
+        if "grad_norm" in extra:
+            extra["grad_norm"] = torch.where(skipped > 0, 0.0, extra["grad_norm"])
         return extra
 
     def state_dict(self) -> dict:

@@ -62,7 +62,8 @@ class CameraCentering(nn.Module):
     def _update(self, x: torch.Tensor, camids: torch.Tensor) -> None:
         onehot = F.one_hot(camids, self.num_cameras).to(torch.float32)  # [B, C]
         counts = onehot.sum(0)  # [C]
-        sums = torch.einsum("bc,bsd->csd", onehot, x.float())
+        with torch.autocast(x.device.type, enabled=False):  # autocast would sum (and all-reduce) in bf16/fp16
+            sums = torch.einsum("bc,bsd->csd", onehot, x.float())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
             torch.distributed.all_reduce(counts)

@@ -2,7 +2,8 @@
 // data, the row gradients (see amfor/ops/distill_loss.py for the semantics, csrc/ops.cpp for the schema).
 // Each row is owned by one thread and walked in a fixed order, so results are deterministic.
 // float32 / bfloat16 / float16: float math, vectorised (GCC vector extensions under target_clones, the exp of
-// vec_math.h), sums in 32 independent lanes combined pairwise; float64: scalar, in double.
+// vec_math.h), sums in 32 independent lanes combined pairwise; float64: scalar, in double. The gradients are
+// written in the logits dtype, float32 for float16 logits (distill::grad_dtype).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -264,10 +265,11 @@ bool row_bf16(const uint16_t* s, const uint16_t* t, const RowArgs& a, float* es,
   return row_vec(s, t, a, es, et, gs, gt, loss);
 }
 
-// One float32/bfloat16/float16 row (float16 goes through float32 copies of the row and of its gradients).
+// One float32/bfloat16/float16 row (float16 goes through float32 copies of the row; its gradients are float32).
+// buf: 2C floats of scratch (4C for float16).
 template <typename scalar_t>
-bool row_float(const scalar_t* s, const scalar_t* t, const RowArgs& a, float* buf, scalar_t* gs, scalar_t* gt,
-               float* loss) {
+bool row_float(const scalar_t* s, const scalar_t* t, const RowArgs& a, float* buf, distill::grad_type<scalar_t>* gs,
+               distill::grad_type<scalar_t>* gt, float* loss) {
   float *es = buf, *et = buf + a.C;
   if constexpr (std::is_same_v<scalar_t, float>) {
     return row_f32(s, t, a, es, et, gs, gt, loss);
@@ -276,41 +278,35 @@ bool row_float(const scalar_t* s, const scalar_t* t, const RowArgs& a, float* bu
                     reinterpret_cast<uint16_t*>(gs), reinterpret_cast<uint16_t*>(gt), loss);
   } else {
     const int64_t C = a.C;
-    float *sf = et + C, *tf = sf + C, *gsf = tf + C, *gtf = gsf + C;
+    float *sf = et + C, *tf = sf + C;
     for (int64_t c = 0; c < C; ++c) sf[c] = static_cast<float>(s[c]), tf[c] = static_cast<float>(t[c]);
-    const bool has_teacher = row_f32(sf, tf, a, es, et, gs != nullptr ? gsf : nullptr, gt != nullptr ? gtf : nullptr,
-                                     loss);
-    if (has_teacher && gs != nullptr) {
-      for (int64_t c = 0; c < C; ++c) gs[c] = static_cast<scalar_t>(gsf[c]);
-    }
-    if (has_teacher && gt != nullptr) {
-      for (int64_t c = 0; c < C; ++c) gt[c] = static_cast<scalar_t>(gtf[c]);
-    }
-    return has_teacher;
+    return row_f32(sf, tf, a, es, et, gs, gt, loss);
   }
 }
 
-// Rows [R, C] (R = G * B): loss[r] = T^2 KL; gs / gt (when defined) = factor * w[r / B] * d loss[r] / d logits.
+// Rows [R, C] (R = G * B): loss[r] = T^2 KL; gs / gt (when defined) = factor * w[r / B] * d loss[r] / d logits, in
+// distill::grad_dtype of the logits.
 template <typename scalar_t>
 void distill_rows(const at::Tensor& s, const at::Tensor& t, double temperature, const at::Tensor& weights,
                   double factor, int64_t B, at::Tensor& loss, at::Tensor& gs, at::Tensor& gt) {
   using acc_t = at::opmath_type<scalar_t>;
+  using grad_t = distill::grad_type<scalar_t>;
   const int64_t R = s.size(0), C = s.size(1), s_stride = s.stride(0), t_stride = t.stride(0);
   const scalar_t* s_p = s.data_ptr<scalar_t>();
   const scalar_t* t_p = t.data_ptr<scalar_t>();
   const acc_t* w_p = weights.defined() ? weights.data_ptr<acc_t>() : nullptr;
   acc_t* loss_p = loss.data_ptr<acc_t>();
-  scalar_t* gs_p = gs.numel() > 0 ? gs.data_ptr<scalar_t>() : nullptr;
-  scalar_t* gt_p = gt.numel() > 0 ? gt.data_ptr<scalar_t>() : nullptr;
+  grad_t* gs_p = gs.numel() > 0 ? gs.data_ptr<grad_t>() : nullptr;
+  grad_t* gt_p = gt.numel() > 0 ? gt.data_ptr<grad_t>() : nullptr;
   const acc_t temp = static_cast<acc_t>(temperature), inv_temp = acc_t(1) / temp;
   const int64_t grain = std::max<int64_t>(1, 32768 / C);
   at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
     constexpr bool kDouble = std::is_same_v<scalar_t, double>;
-    std::vector<acc_t> buf((kDouble ? 4 : std::is_same_v<scalar_t, at::Half> ? 6 : 2) * C);
+    std::vector<acc_t> buf((kDouble || std::is_same_v<scalar_t, at::Half> ? 4 : 2) * C);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t *s_row = s_p + r * s_stride, *t_row = t_p + r * t_stride;
-      scalar_t* gs_row = gs_p != nullptr ? gs_p + r * C : nullptr;
-      scalar_t* gt_row = gt_p != nullptr ? gt_p + r * C : nullptr;
+      grad_t* gs_row = gs_p != nullptr ? gs_p + r * C : nullptr;
+      grad_t* gt_row = gt_p != nullptr ? gt_p + r * C : nullptr;
       const acc_t gscale = temp * static_cast<acc_t>(factor) * (w_p != nullptr ? w_p[r / B] : acc_t(1));
       bool has_teacher;
       if constexpr (kDouble) {
@@ -326,8 +322,8 @@ void distill_rows(const at::Tensor& s, const at::Tensor& t, double temperature, 
                                 loss_p + r);
       }
       if (!has_teacher) {  // no teacher class at all: the row adds nothing
-        if (gs_row != nullptr) std::fill(gs_row, gs_row + C, scalar_t(0));
-        if (gt_row != nullptr) std::fill(gt_row, gt_row + C, scalar_t(0));
+        if (gs_row != nullptr) std::fill(gs_row, gs_row + C, grad_t(0));
+        if (gt_row != nullptr) std::fill(gt_row, gt_row + C, grad_t(0));
       }
     }
   });
@@ -340,8 +336,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_kl_loss_cpu(
   const int64_t G = student.size(0), B = student.size(1), C = student.size(2);
   const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto rows = at::empty({G, B}, student.options().dtype(acc));
-  auto gs = student_grad ? at::empty({G, B, C}, student.options()) : at::empty({0}, student.options());
-  auto gt = teacher_grad ? at::empty({G, B, C}, teacher.options()) : at::empty({0}, teacher.options());
+  const auto grad_options = student.options().dtype(distill::grad_dtype(student.scalar_type()));
+  auto gs = student_grad ? at::empty({G, B, C}, grad_options) : at::empty({0}, grad_options);
+  auto gt = teacher_grad ? at::empty({G, B, C}, grad_options) : at::empty({0}, grad_options);
   if (rows.numel() > 0) {
     auto s = distill::as_rows(student), t = distill::as_rows(teacher);
     auto w = weights.has_value() ? weights->contiguous() : at::Tensor();

@@ -3,7 +3,8 @@
 // CPU twin). One block per row of [R, C], three sweeps over the row (maxima; sums of the shifted exponentials; the
 // gradients), block reductions by warp shuffles and shared memory. Loads and stores are 16-byte vectors over the
 // aligned body of each row (scalar head and tail) whenever the student, teacher and gradient rows share the same
-// alignment; accumulation is float (double for double).
+// alignment; accumulation is float (double for double). The gradients are written in the logits dtype, float for
+// float16 logits (distill::grad_dtype; stored one by one there, the loads stay vectorised).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -78,13 +79,15 @@ struct RowSplit {
   int64_t head, num_vec, tail;
 };
 
-template <typename scalar_t, int VEC>
-__device__ RowSplit split_row(const scalar_t* s, const scalar_t* t, const scalar_t* gs, const scalar_t* gt,
-                              int64_t C) {
+// Gradients of another width than the logits (float for float16) are stored one by one: no alignment asked of them.
+template <typename scalar_t, typename grad_t, int VEC>
+__device__ RowSplit split_row(const scalar_t* s, const scalar_t* t, const grad_t* gs, const grad_t* gt, int64_t C) {
+  constexpr bool kVecGrads = sizeof(grad_t) == sizeof(scalar_t);
   const uintptr_t mis = reinterpret_cast<uintptr_t>(s) % 16;
   const bool same = reinterpret_cast<uintptr_t>(t) % 16 == mis &&
-                    (gs == nullptr || reinterpret_cast<uintptr_t>(gs) % 16 == mis) &&
-                    (gt == nullptr || reinterpret_cast<uintptr_t>(gt) % 16 == mis) && mis % sizeof(scalar_t) == 0;
+                    (!kVecGrads || gs == nullptr || reinterpret_cast<uintptr_t>(gs) % 16 == mis) &&
+                    (!kVecGrads || gt == nullptr || reinterpret_cast<uintptr_t>(gt) % 16 == mis) &&
+                    mis % sizeof(scalar_t) == 0;
   int64_t head = same ? static_cast<int64_t>(((16 - mis) % 16) / sizeof(scalar_t)) : C;
   head = head < C ? head : C;
   const int64_t num_vec = (C - head) / VEC;
@@ -114,39 +117,50 @@ struct RowStats {
 };
 
 // Gradients of scale * loss[r] at one class (scale includes T and is 0 for a row without teacher classes).
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void class_grads(acc_t xs, acc_t xt, const RowStats<acc_t>& st, scalar_t& gs,
-                                            scalar_t& gt) {
+template <typename grad_t, typename acc_t>
+__device__ __forceinline__ void class_grads(acc_t xs, acc_t xt, const RowStats<acc_t>& st, grad_t& gs, grad_t& gt) {
   const acc_t ds = xs - st.m_s, dt = xt - st.m_t;
   const acc_t p_t = acc_exp(dt) * st.inv_zt, p_s = acc_exp(ds) * st.inv_zs;
-  gs = static_cast<scalar_t>(st.scale * (p_s - p_t));
+  gs = static_cast<grad_t>(st.scale * (p_s - p_t));
   const acc_t log_ratio = (dt - st.log_zt) - (ds - st.log_zs);
-  gt = static_cast<scalar_t>(p_t > acc_t(0) ? st.scale * p_t * (log_ratio - st.kl) : acc_t(0));
+  gt = static_cast<grad_t>(p_t > acc_t(0) ? st.scale * p_t * (log_ratio - st.kl) : acc_t(0));
+}
+
+// Stores the VEC gradients of body vector v: one 16-byte store when they are as wide as the logits, else one by one.
+template <typename scalar_t, typename grad_t, int VEC>
+__device__ __forceinline__ void store_pack(grad_t* body, int64_t v, const Pack<grad_t, VEC>& x) {
+  if constexpr (sizeof(grad_t) == sizeof(scalar_t)) {
+    reinterpret_cast<Pack<grad_t, VEC>*>(body)[v] = x;
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) body[v * VEC + k] = x.v[k];
+  }
 }
 
 // Rows [R, C] (R = G * B): loss[r] = T^2 * KL(p_t || p_s); grad_s / grad_t = scale[r] * d loss[r] / d logits with
-// scale[r] = factor * w[r / B] (factor = 1 / B for batchmean, else 1; w = 1 when weights is nullptr).
+// scale[r] = factor * w[r / B] (factor = 1 / B for batchmean, else 1; w = 1 when weights is nullptr), in grad_t.
 // Sweep 1: row maxima; sweep 2: Z_s, Z_t and A = sum exp(dt) * (dt - ds) of the shifted logits ds = s - max s,
 // dt = t - max t, so that KL = A / Z_t - log Z_t + log Z_s has no cancellation between large logits; sweep 3 (when
 // a gradient is asked for): the gradients. Sweeps 2 and 3 re-read a row this block has just read (L1/L2).
-template <typename scalar_t, typename acc_t, int VEC>
+template <typename scalar_t, typename grad_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
     distill_kl_kernel(acc_t* __restrict__ loss,             // [R]: T^2 * KL(p_t || p_s) per row
-                      scalar_t* __restrict__ grad_s,        // [R, C] contiguous, or nullptr when not asked for
-                      scalar_t* __restrict__ grad_t,        // [R, C] contiguous, or nullptr when not asked for
+                      grad_t* __restrict__ gs_p,            // [R, C] contiguous, or nullptr when not asked for
+                      grad_t* __restrict__ gt_p,            // [R, C] contiguous, or nullptr when not asked for
                       const scalar_t* __restrict__ s_p,     // [R, C] student logits, row stride s_stride
                       const scalar_t* __restrict__ t_p,     // [R, C] teacher logits, row stride t_stride
                       const acc_t* __restrict__ weights,    // [R / B] granularity weights, or nullptr
                       int64_t s_stride, int64_t t_stride, int64_t C, int64_t B, acc_t inv_temp, acc_t temp,
                       acc_t factor) {
   using P = Pack<scalar_t, VEC>;
+  using PG = Pack<grad_t, VEC>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t row = blockIdx.x;
   const scalar_t* s = s_p + row * s_stride;
   const scalar_t* t = t_p + row * t_stride;
-  scalar_t* gs = grad_s != nullptr ? grad_s + row * C : nullptr;
-  scalar_t* gt = grad_t != nullptr ? grad_t + row * C : nullptr;
-  const RowSplit sp = split_row<scalar_t, VEC>(s, t, gs, gt, C);
+  grad_t* gs = gs_p != nullptr ? gs_p + row * C : nullptr;
+  grad_t* gt = gt_p != nullptr ? gt_p + row * C : nullptr;
+  const RowSplit sp = split_row<scalar_t, grad_t, VEC>(s, t, gs, gt, C);
 
   acc_t mx[2] = {kNegInf, kNegInf};
   visit_row<scalar_t, acc_t, VEC>(s, t, sp, C, inv_temp, [&](acc_t xs, acc_t xt) {
@@ -179,7 +193,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   st.scale = has_teacher ? temp * factor * (weights != nullptr ? weights[row / B] : acc_t(1)) : acc_t(0);
 
   const int tid = threadIdx.x, nthreads = blockDim.x;
-  scalar_t g1, g2;
+  grad_t g1, g2;
   for (int64_t c = tid; c < sp.head; c += nthreads) {
     class_grads(acc_t(s[c]) * inv_temp, acc_t(t[c]) * inv_temp, st, g1, g2);
     if (gs != nullptr) gs[c] = g1;
@@ -188,13 +202,13 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int64_t v = tid; v < sp.num_vec; v += nthreads) {
     const P sv = reinterpret_cast<const P*>(s + sp.head)[v];
     const P tv = reinterpret_cast<const P*>(t + sp.head)[v];
-    P gsv, gtv;
+    PG gsv, gtv;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       class_grads(acc_t(sv.v[k]) * inv_temp, acc_t(tv.v[k]) * inv_temp, st, gsv.v[k], gtv.v[k]);
     }
-    if (gs != nullptr) reinterpret_cast<P*>(gs + sp.head)[v] = gsv;
-    if (gt != nullptr) reinterpret_cast<P*>(gt + sp.head)[v] = gtv;
+    if (gs != nullptr) store_pack<scalar_t, grad_t, VEC>(gs + sp.head, v, gsv);
+    if (gt != nullptr) store_pack<scalar_t, grad_t, VEC>(gt + sp.head, v, gtv);
   }
   for (int64_t c = sp.tail + tid; c < C; c += nthreads) {
     class_grads(acc_t(s[c]) * inv_temp, acc_t(t[c]) * inv_temp, st, g1, g2);
@@ -218,8 +232,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_kl_loss_cuda(
   const int64_t G = student.size(0), B = student.size(1), C = student.size(2);
   const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto rows = at::empty({G, B}, student.options().dtype(acc));
-  auto gs = student_grad ? at::empty({G, B, C}, student.options()) : at::empty({0}, student.options());
-  auto gt = teacher_grad ? at::empty({G, B, C}, teacher.options()) : at::empty({0}, teacher.options());
+  const auto grad_options = student.options().dtype(distill::grad_dtype(student.scalar_type()));
+  auto gs = student_grad ? at::empty({G, B, C}, grad_options) : at::empty({0}, grad_options);
+  auto gt = teacher_grad ? at::empty({G, B, C}, grad_options) : at::empty({0}, grad_options);
   const int64_t R = G * B;
   TORCH_CHECK(R <= std::numeric_limits<int32_t>::max(), "too many rows for one launch: ", R);
   if (R > 0) {
@@ -230,10 +245,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_kl_loss_cuda(
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "distill_kl_loss_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      using grad_t = distill::grad_type<scalar_t>;
       constexpr int kVec = 16 / sizeof(scalar_t);
-      distill_kl_kernel<scalar_t, acc_t, kVec><<<grid, block, 0, stream>>>(
-          rows.data_ptr<acc_t>(), student_grad ? gs.data_ptr<scalar_t>() : nullptr,
-          teacher_grad ? gt.data_ptr<scalar_t>() : nullptr, s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
+      distill_kl_kernel<scalar_t, grad_t, acc_t, kVec><<<grid, block, 0, stream>>>(
+          rows.data_ptr<acc_t>(), student_grad ? gs.data_ptr<grad_t>() : nullptr,
+          teacher_grad ? gt.data_ptr<grad_t>() : nullptr, s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
           w.defined() ? w.data_ptr<acc_t>() : nullptr, s.stride(0), t.stride(0), C, B,
           acc_t(1) / static_cast<acc_t>(temperature), static_cast<acc_t>(temperature), static_cast<acc_t>(factor));
       C10_CUDA_KERNEL_LAUNCH_CHECK();

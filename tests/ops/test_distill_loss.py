@@ -110,8 +110,8 @@ def _check(backend, device, G, B, C, dtype, reduction="batchmean", weights=True,
            grad_scale=4.0):
     """Loss and gradients of `backend` against the reference.
 
-    The fused kernels store the gradient for grad_output = 1, already in the logits dtype; the backward multiplies
-    it by grad_output. That is exact for powers of two (grad_scale 4.0, an AMP loss scale); any other grad_output
+    The fused kernels store the gradient for grad_output = 1, already in the logits dtype (float32 for float16
+    logits); the backward multiplies it by grad_output. That is exact for powers of two (grad_scale 4.0, an AMP loss scale); any other grad_output
     (grad_scale 2.5, or random per row with reduction "none") rounds a second time in float16/bfloat16, which
     the comparison allows for: half an ulp of the largest gradient on top of the project's rule.
     """
@@ -161,6 +161,40 @@ def test_reductions_grad_output_and_teacher_grad(device, backend, reduction):
         _check(backend, device, G, B, C, dtype, reduction=reduction, teacher_grad=True, T=0.7, grad_scale=2.5)
     _check(backend, device, G, B, C, torch.float16, reduction=reduction, teacher_grad=True, grad_scale=1.0)
     _check(backend, device, G, B, C, torch.float32, reduction=reduction, weights=False)
+
+
+def _relative_errors(got: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """Per-entry |got - truth| / |truth| where the float64 truth is not 0: its mean and 99th percentile, and the
+    share of those entries that came out 0 (flushed)."""
+    nonzero = truth != 0
+    rel = ((got.double() - truth).abs() / truth.abs())[nonzero]
+    return {"mean": rel.mean().item(), "q99": rel.quantile(0.99).item(),
+            "flushed": (got[nonzero] == 0).double().mean().item()}
+
+
+@pytest.mark.parametrize("device,backend", [(d, b) for d, b in BACKEND_CASES if b != "torch"])
+def test_float16_gradients_under_an_amp_loss_scale(device, backend):
+    """float16 logits, B = 64, C = 4101, grad_output 2^16 (GradScaler's initial scale): each entry of the batchmean
+    gradient before the scale is ~T / (B C), a float16 subnormal. The fused gradient's relative errors against
+    float64 (mean, 99th percentile, share flushed to 0) stay within 2x those of the reference path (float32
+    math, rounded to float16 once, after the scale)."""
+    G = 1 if backend == "triton" and device == "cpu" else 11
+    s, t = _logits(G, 64, 4101, torch.float16, device)
+    scale = torch.tensor(2.0**16, device=device)
+
+    def grads(fn):
+        x, y = s.detach().clone().requires_grad_(), t.detach().clone().requires_grad_()
+        return torch.autograd.grad(fn(x, y, 2.0), (x, y), scale)
+
+    with use_backend(backend):
+        fused = grads(distill_kl_loss)
+    reference = grads(dl.distill_kl_loss_reference)
+    _, truth = _reference_grads(s, t, 2.0, None, "batchmean", scale)
+    for name, got, ref, want in zip(("grad student", "grad teacher"), fused, reference, truth, strict=True):
+        assert got.dtype == torch.float16 and ref.dtype == torch.float16
+        got_err, ref_err = _relative_errors(got, want), _relative_errors(ref, want)
+        for k in got_err:
+            assert got_err[k] <= 2 * ref_err[k], f"{name}: {k} relative error {got_err[k]:.3g} > 2 x {ref_err[k]:.3g}"
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
