@@ -12,30 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from omegaconf import DictConfig
 
+from ..utils.timing import interleaved_times
 from .data import build_epoch_loader
 from .optim import build_stage2_optimizer
 from .runner import amp_dtype, build_data, create_model
 from .trainer import stage2_inputs
-
-
-def interleaved_times(steps: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of every step in each of `rounds` rounds, the steps taken in turn within a round and in reverse
-    order every other round (A B, B A, ...), so that a drift of the machine's speed and any cost of following
-    another step reach every step alike. The caller synchronises the device inside a step."""
-    names = list(steps)
-    times = {name: [] for name in names}
-    for i in range(rounds):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            t = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 def training_batch(data, cfg: DictConfig, size: tuple[int, int]) -> dict[str, torch.Tensor]:
