@@ -8,7 +8,8 @@
 # ends the report itself at the deadline. Without --quick the phases get the long budgets and no deadline.
 # Needs python3, no network, no ninja (the wheel brings one; without it the build is serial) and no git.
 # Environment: AMFOR_GPU_WHEEL_DIR (default .whl), AMFOR_GPU_SITE (where the wheels go, default
-# $TMPDIR/amfor-gpu-site), AMFOR_GPU_WORKDIR (logs and training runs, default $TMPDIR/amfor-gpu-check).
+# $TMPDIR/amfor-gpu-site), AMFOR_GPU_WORKDIR (logs and training runs, default $TMPDIR/amfor-gpu-check),
+# AMFOR_GPU_RESULTS (where the report goes, default benchmarks/results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -87,12 +88,20 @@ else
   say "wheels: no $wheel_dir/*.whl (scripts/gpu_wheels.sh makes them): what needs open_clip, omegaconf, scipy or" \
       "matplotlib fails if the machine lacks them"
 fi
-export PYTHONPATH="$PWD${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$site/bin:$site/ninja/data/bin:$PATH"
+if [ -d "$site" ]; then  # what python3 now finds there
+  say "wheels: $(timeout 60 python3 -c 'import os, sys
+from importlib import metadata
+site = os.path.realpath(sys.argv[1])
+found = sorted(f"{d.name}=={d.version}" for d in metadata.distributions(path=[site]))
+where = "on" if site in map(os.path.realpath, sys.path) else "NOT on"
+print(f"{site} is {where} sys.path, with", " ".join(found))' "$site")"
+fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 say "ninja: $(command -v ninja || echo '<none: the extension compiles one source at a time>')"
 
-args=(--setup-log "$setup_log" --workdir "$workdir")
+args=(--setup-log "$setup_log" --workdir "$workdir" --out "${AMFOR_GPU_RESULTS:-benchmarks/results}")
 status=0
 if [ "$quick" = 1 ]; then
   total=$(sed -n 's/^QUICK_TOTAL_S = \([0-9]*\).*/\1/p' benchmarks/gpu_report.py)
