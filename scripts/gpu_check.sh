@@ -69,13 +69,31 @@ EOF
       how="pip install --no-index --no-deps --target"
       timeout 90 python3 -m pip install -q --no-index --no-deps --disable-pip-version-check --target "$site" \
         "${missing[@]}" >"$workdir/wheels.log" 2>&1
-    else  # no pip: a wheel is a zip laid out for site-packages
+      rc=$?
+    else  # no pip: a wheel is a zip laid out for site-packages, its scripts under <name>.data/scripts
       how="unzip (no pip) into"
-      timeout 90 python3 -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
-        "$site" "${missing[@]}" >"$workdir/wheels.log" 2>&1
-      chmod -R u+x "$site"/ninja/data/bin 2>/dev/null
+      timeout 90 python3 - "$site" "${missing[@]}" >"$workdir/wheels.log" 2>&1 <<'EOF'
+import os, sys, zipfile
+site = sys.argv[1]
+for wheel in sys.argv[2:]:
+    with zipfile.ZipFile(wheel) as zf:
+        for member in zf.infolist():
+            parts = member.filename.split("/")
+            if not (parts[0].endswith(".data") and len(parts) > 2):
+                zf.extract(member, site)
+                continue
+            kind, rest = parts[1], parts[2:]
+            if member.is_dir() or kind not in ("scripts", "purelib", "platlib"):
+                continue
+            target = os.path.join(site, "bin" if kind == "scripts" else "", *rest)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with zf.open(member) as src, open(target, "wb") as dst:
+                dst.write(src.read())
+            if kind == "scripts":
+                os.chmod(target, 0o755)
+EOF
+      rc=$?
     fi
-    rc=$?
     names="$(for w in "${missing[@]}"; do basename "$w" | cut -d- -f1-2; done | tr '\n' ' ')"
     if [ "$rc" -eq 0 ]; then
       say "wheels: ${#missing[@]} installed from $wheel_dir ($how $site): $names"
@@ -89,7 +107,7 @@ else
       "matplotlib fails if the machine lacks them"
 fi
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
-export PATH="$site/bin:$site/ninja/data/bin:$PATH"
+export PATH="$site/bin:$PATH"
 if [ -d "$site" ]; then  # what python3 now finds there
   say "wheels: $(timeout 60 python3 -c 'import os, sys
 from importlib import metadata
