@@ -14,8 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import TextTransformer
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -33,6 +31,8 @@ class TextEncoder(nn.Module):
 
     def __init__(self, width: int = 512, heads: int = 8, layers: int = 12, output_dim: int = 512,
                  context_length: int = 77, vocab_size: int = 49408) -> None:
+        from open_clip.transformer import TextTransformer  # here: amfor.models imports without open_clip (issue 25)
+
         super().__init__()
         self.tower = TextTransformer(context_length=context_length, vocab_size=vocab_size, width=width, heads=heads,
                                      layers=layers, output_dim=output_dim)
@@ -88,6 +88,8 @@ class PromptLearner(nn.Module):
     """
 
     def __init__(self, encoder: TextEncoder, num_classes: int, prompt: str = PROMPT, ctx_std: float = 0.02) -> None:
+        from open_clip.tokenizer import SimpleTokenizer  # with ftfy: loaded only when a text tower is built
+
         super().__init__()
         tokens = SimpleTokenizer()(prompt)[0]
         self.eot = int(tokens.argmax())  # the end-of-text id is the largest in CLIP's vocabulary
