@@ -349,7 +349,7 @@ def _phase_summary(phase: dict) -> str:
                 f"{_fmt(phase.get('test_mAP'))}")
     if "parts" in phase:
         return "; ".join(f"{name}: {_phase_summary(p)}" for name, p in phase["parts"].items())
-    return f"exit code {phase.get('exit_code')}"
+    return f"exit code {phase.get('exit_code')}" + (f"; {phase['metrics']}" if phase.get("metrics") else "")
 
 
 def _phase_details(name: str, phase: dict) -> list[str]:

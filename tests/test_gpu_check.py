@@ -21,6 +21,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from benchmarks import gpu_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +53,7 @@ def _env(**extra: str) -> dict:
     return {**env, "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
+@pytest.mark.slow  # about 20 s: bash, pip, and the report's start (torch, amfor)
 def test_quick_without_a_gpu_installs_the_wheels_and_reports_every_phase_skipped(tmp_path):
     wheels, out = tmp_path / "whl", tmp_path / "out"
     make_wheel(wheels, PROBE, "1.0")
