@@ -125,6 +125,7 @@ if [ "$quick" = 1 ]; then
   total=$(sed -n 's/^QUICK_TOTAL_S = \([0-9]*\).*/\1/p' benchmarks/gpu_report.py)
   deadline=$((start + total))
   left=$((deadline - $(date +%s)))
+  [ "$left" -lt 1 ] && left=1  # (timeout 0 would mean no limit)
   timeout -k 5 "$left" python3 -m benchmarks.gpu_report --quick --deadline "$deadline" "${args[@]}" || status=$?
   [ "$status" -eq 124 ] && echo "gpu_check: the report was ended at its deadline ($total s): see the phases written"
 else
