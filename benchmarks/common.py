@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from amfor.testing import require_backend
-from projects.ablation.step_costs import interleaved_times  # noqa: F401  (re-exported: the benchmarks time pairs with it)
+from amfor.utils.timing import interleaved_times  # noqa: F401  (re-exported: the benchmarks time pairs with it)
 
 # One vocabulary in every benchmark file: providers and modes.
 REFERENCE, REFERENCE_COMPILED = "reference", "reference_compiled"  # our eager reference and its torch.compile

@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
 from ._inputs import check_matrix
@@ -64,6 +63,8 @@ def _save_grid(rows: list[np.ndarray], out_path: str | Path, labels: list[str]) 
         raise ValueError("no valid query to draw")
     grid = np.concatenate(rows, 0)
     dpi = 100
+    from matplotlib.figure import Figure  # here: amfor.evaluation imports without matplotlib (issue 25)
+
     fig = Figure(figsize=(grid.shape[1] / dpi, grid.shape[0] / dpi), dpi=dpi)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(grid)
@@ -80,6 +81,8 @@ def plot_cmc(cmcs: Mapping[str, np.ndarray] | np.ndarray, out_path: str | Path, 
              title: str = "CMC") -> Path:
     """Save CMC curve(s) as PNG; `cmcs` is one curve [R] or {label: curve}. Rank axis starts at 1."""
     curves = {"CMC": np.asarray(cmcs)} if not isinstance(cmcs, Mapping) else {k: np.asarray(v) for k, v in cmcs.items()}
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5, 4), dpi=100)
     ax = fig.add_subplot()
     for label, cmc in curves.items():

@@ -16,11 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from open_clip.factory import load_state_dict
-from open_clip.model import convert_to_custom_text_state_dict
-from open_clip.openai import load_openai_model
-from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 
 from amfor.models.weights import is_torchscript
@@ -39,6 +34,9 @@ def read_clip_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], boo
     or a torch file read with weights_only; `state_dict` and `module.` unwrapped). Raises FileNotFoundError for a
     missing file and ValueError, naming the file, for one open_clip cannot read.
     """
+    from open_clip.factory import load_state_dict  # here: amfor.models imports without open_clip (issue 25)
+    from open_clip.openai import load_openai_model
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CLIP weights file not found: {path}")
@@ -74,7 +72,9 @@ class TextEncoder(nn.Module):
         self.tower = self._build_tower()
         self.width, self.output_dim = width, output_dim
 
-    def _build_tower(self) -> TextTransformer:
+    def _build_tower(self) -> nn.Module:
+        from open_clip.transformer import QuickGELU, TextTransformer  # here: amfor.models imports without open_clip
+
         return TextTransformer(**self.shape, act_layer=QuickGELU if self.quick_gelu else nn.GELU)
 
     def token_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -101,6 +101,8 @@ class TextEncoder(nn.Module):
         archive switches the tower to QuickGELU, as open_clip builds OpenAI models. Returns the missing keys;
         raises, naming the file, for a file without text-tower keys or with a tower of another shape.
         """
+        from open_clip.model import convert_to_custom_text_state_dict
+
         state, openai = read_clip_state_dict(path)
         own = self.tower.state_dict()
         text = {k[len("text."):]: v for k, v in convert_to_custom_text_state_dict(state).items()
@@ -135,6 +137,8 @@ class PromptLearner(nn.Module):
     """
 
     def __init__(self, encoder: TextEncoder, num_classes: int, prompt: str = PROMPT, ctx_std: float = 0.02) -> None:
+        from open_clip.tokenizer import SimpleTokenizer  # with ftfy: loaded only when a text tower is built
+
         super().__init__()
         tokens = SimpleTokenizer()(prompt)[0]
         self.eot = int(tokens.argmax())  # the end-of-text id is the largest in CLIP's vocabulary

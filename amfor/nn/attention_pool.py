@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from timm.layers import Mlp
 from torch import nn
 
 from amfor.nn.query_fusion import QueryFusion
@@ -24,6 +23,8 @@ class QueryFusionPool(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 8, latent_len: int = 1, num_layers: int = 1, mlp_ratio: float = 4.0,
                  norm_layer: type[nn.Module] | None = None, pool_type: str = "token") -> None:
+        from timm.layers import Mlp  # here, not at the top: amfor.nn imports without timm (issue 25)
+
         super().__init__()
         if pool_type not in ("token", "avg", ""):
             raise ValueError(f"pool_type must be 'token', 'avg' or '', got {pool_type!r}")

@@ -14,8 +14,6 @@ materialising the full token sequence.
 from __future__ import annotations
 
 import torch
-from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from amfor.ops import masked_gather, masked_scatter
@@ -68,6 +66,9 @@ class MAEDecoder(nn.Module):
     def __init__(self, embed_dim: int, num_patches: int, out_dim: int, decoder_dim: int = 512, depth: int = 1,
                  num_heads: int = 8, mlp_ratio: float = 4.0, num_prefix_tokens: int = 1,
                  normalize_input: bool = False) -> None:
+        from timm.layers import trunc_normal_  # here, not at the top: amfor.nn imports without timm (issue 25)
+        from timm.models.vision_transformer import Block
+
         super().__init__()
         self.num_patches, self.num_prefix_tokens = num_patches, num_prefix_tokens
         self.norm_in = nn.LayerNorm(embed_dim, eps=1e-6) if normalize_input else nn.Identity()

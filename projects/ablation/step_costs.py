@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from omegaconf import DictConfig
@@ -22,20 +21,7 @@ from amfor.engine.data import build_epoch_loader
 from amfor.engine.optim import build_stage2_optimizer
 from amfor.engine.runner import amp_dtype, build_data, create_model
 from amfor.engine.trainer import stage2_inputs
-
-
-def interleaved_times(steps: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of every step in each of `rounds` rounds, the steps taken in turn within a round and in reverse
-    order every other round (A B, B A, ...), so that a drift of the machine's speed and any cost of following
-    another step reach every step alike. The caller synchronises the device inside a step."""
-    names = list(steps)
-    times = {name: [] for name in names}
-    for i in range(rounds):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            t = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - t)
-    return times
+from amfor.utils.timing import interleaved_times
 
 
 def training_batch(data, cfg: DictConfig, size: tuple[int, int]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,6 @@
 """PatchDropout: a drop-in for timm's patch dropout built on masked_gather."""
 
 import pytest
-import timm
 import torch
 
 from amfor.nn import PatchDropout, apply_patch_dropout
@@ -38,6 +37,7 @@ def test_eval_is_identity_and_bad_prob_is_rejected():
 
 
 def test_drop_in_for_a_timm_vit():
+    timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(64, 32), num_classes=0)
     apply_patch_dropout(vit, 0.5)

@@ -111,9 +111,10 @@ def _check(backend, device, G, B, C, dtype, reduction="batchmean", weights=True,
     """Loss and gradients of `backend` against the reference.
 
     The fused kernels store the gradient for grad_output = 1, already in the logits dtype (float32 for float16
-    logits); the backward multiplies it by grad_output. That is exact for powers of two (grad_scale 4.0, an AMP loss scale); any other grad_output
-    (grad_scale 2.5, or random per row with reduction "none") rounds a second time in float16/bfloat16, which
-    the comparison allows for: half an ulp of the largest gradient on top of the project's rule.
+    logits); the backward multiplies it by grad_output. That is exact for powers of two (grad_scale 4.0, an AMP
+    loss scale); any other grad_output (grad_scale 2.5, or random per row with reduction "none") rounds a second
+    time in float16/bfloat16, which the comparison allows for: half an ulp of the largest gradient on top of the
+    project's rule.
     """
     s, t = _logits(G, B, C, dtype, device, seed)
     s.requires_grad_(True)
