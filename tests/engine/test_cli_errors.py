@@ -236,3 +236,17 @@ def test_bare_resume_finds_the_run_of_the_config_s_name(workdir, capsys):
     assert train_main(["--config", "market1501", "--resume", "runs/20260101-000000-market1501/checkpoints/last.pt"]) \
         == 2
     assert "--resume PATH continues with the checkpoint's own config" in error_line(capsys)
+
+
+def test_log_txt_holds_the_lines_logged_before_the_run_folder_existed(tiny_root, tmp_path):
+    """The folder is made once the data and model are built; the dataset table and the model line logged before
+    still open log.txt."""
+    from conftest import standin_overrides
+
+    from amfor.engine.runner import train
+
+    out = tmp_path / "run"
+    train(build_config(overrides=standin_overrides(tiny_root, **{"output": out, "train.epochs": 1,
+                                                                 "train.eval_every": 0})))
+    log = (out / "log.txt").read_text()
+    assert log.index("=> synthetic") < log.index("model standin_model:create_standin") < log.index("stage 2:")
