@@ -232,7 +232,7 @@ def find_last_checkpoint(name: str, runs: Path = Path("runs"), output: str | Pat
             raise CheckpointError(f"--resume: {last} does not exist; pass a checkpoint path")
         return last
     date = re.compile(r"\d{8}-\d{6}-" + re.escape(name))
-    found = sorted((p for p in runs.glob(f"*-{name}/checkpoints/last.pt") if date.fullmatch(p.parent.parent.name)),
+    found = sorted((p for p in runs.glob("*/checkpoints/last.pt") if date.fullmatch(p.parent.parent.name)),
                    key=lambda p: (p.stat().st_mtime, p.parent.parent.name))
     if not found:
         raise CheckpointError(f"--resume: no run named {name!r} to resume ({runs}/<date>-{name}/checkpoints/last.pt "
