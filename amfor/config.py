@@ -2,9 +2,10 @@
 
 The dataclass defaults are the embedded default run (`python -m amfor.train` with no arguments: the
 synthetic occluded dataset, the tiny model, both stages on the CPU in a 10-minute budget);
-`configs/synthetic.yaml` writes the same values out and `configs/<benchmark>.yaml` hold the paper's recipe
-(SPEC-AMFOR section 7). Precedence: defaults < YAML file < `--set` overrides. Unknown keys are rejected
-naming the closest valid key; values are type-checked; YAML is read with `yaml.safe_load`.
+the shipped configs (package data in amfor/configs/) are found by name: `synthetic` writes the same values out,
+`market1501`, `occluded_duke`, ... hold the paper's recipe (SPEC-AMFOR section 7). Precedence: defaults < YAML
+file < `--set` overrides. Unknown keys are rejected naming the closest valid key; values are type-checked; YAML
+is read with `yaml.safe_load`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the shipped configs, installed with the package
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
 DISTANCES = ("part", "global")
@@ -184,6 +186,26 @@ def _merge(base: DictConfig, other: Any, source: str, own_kwargs: bool = False) 
         raise ConfigError(f"{source}: bad value for '{key}': {first}") from None
 
 
+def list_configs() -> list[str]:
+    """Names of the shipped configs: `market1501`, `occluded_duke`, `synthetic`, ..."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """A config file: an existing path, else a shipped config by name (`market1501` or `market1501.yaml`).
+
+    An existing file is taken as given: `./market1501.yaml` wins over the shipped `market1501.yaml`."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and path.suffix in ("", ".yaml", ".yml"):
+        shipped = CONFIG_DIR / f"{path.stem}.yaml"
+        if shipped.is_file():
+            return shipped
+    raise ConfigError(f"no config file {name_or_path}: pass a path or the name of a shipped config "
+                      f"({', '.join(list_configs())})")
+
+
 def load_yaml(path: str | Path) -> dict:
     """A YAML mapping read with yaml.safe_load (no arbitrary object construction)."""
     path = Path(path)
@@ -213,11 +235,13 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
 
 def build_config(path: str | Path | None = None, overrides: list[str] | None = None,
                  base: dict | None = None) -> DictConfig:
-    """Defaults, then `base` (e.g. a checkpoint's config), then the YAML file at `path`, then `overrides`."""
+    """Defaults, then `base` (e.g. a checkpoint's config), then the YAML file at `path` (a path or the name of a
+    shipped config, see `find_config`), then `overrides`."""
     cfg = OmegaConf.structured(Config)
     if base is not None:
         cfg = _merge(cfg, base, "checkpoint config", own_kwargs=True)
     if path is not None:
+        path = find_config(path)
         cfg = _merge(cfg, load_yaml(path), str(path))
     if overrides:
         cfg = _merge(cfg, parse_overrides(overrides), "--set")

@@ -1,4 +1,5 @@
-"""`python -m amfor.export --checkpoint PATH --format onnx|torch-export`: the inference model for deployment.
+"""`python -m amfor.export --checkpoint PATH --format onnx|torch-export` (or `amfor-export`): the inference model
+for deployment.
 
 Traced through the reference ops (no custom op in the graph); checked against onnxruntime (ONNX, when
 installed: `pip install "amfor[export]"`) or torch.export.load (.pt2) on a batch of another size.
@@ -14,14 +15,14 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError
-from .engine.checkpoint import CheckpointError
+from .cli import USER_ERRORS, prog_name, report
 from .engine.export import FORMATS, export
 from .engine.inference import load_for_inference
+from .extras import require
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m amfor.export", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog_name("amfor.export"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--format", choices=FORMATS, default="onnx")
@@ -33,12 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(
         ".onnx" if args.format == "onnx" else ".pt2")
+    written = [p for p in (out, Path(f"{out}.json")) if not p.exists()]  # removed again when the export fails
     try:
+        if args.format == "onnx":
+            require("onnx", "onnxscript", extra="export", purpose="--format onnx")
         model, _, _ = load_for_inference(args.checkpoint, overrides=args.set)
         spec = export(model, args.format, out, args.global_only, args.opset, not args.no_check)
-    except (ConfigError, CheckpointError) as exc:
-        print(f"amfor.export: error: {exc}", file=sys.stderr)
-        return 2
+    except BaseException as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, USER_ERRORS):
+            return report(parser.prog, exc)
+        raise
     print(f"wrote {out}")
     print(json.dumps(spec, indent=1))
     return 0

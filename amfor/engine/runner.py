@@ -1,7 +1,9 @@
 """A whole run from a config: data, model, stage 1, stage 2, final evaluation (what `python -m amfor.train` does).
 
 Run folder (rank 0 writes): config.yaml (resolved; max_steps filled in when a time budget fixed it),
-metrics.jsonl, log.txt, checkpoints/{last,best}.pt, results.json, ranked_*.png and cmc.png.
+metrics.jsonl, log.txt, checkpoints/{last,best}.pt, results.json, ranked_*.png and cmc.png. It is created once
+the data and the model are built (the log lines before that are written into log.txt then), and a new folder is
+removed again when the run fails before its first metrics record, so a failed start leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import logging.handlers
 import os
+import re
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +25,7 @@ from omegaconf import DictConfig
 from .. import config as C
 from ..data import build_dataset
 from ..data.records import ReIDData
+from ..extras import require
 from . import distributed as du
 from .checkpoint import (
     CheckpointError,
@@ -37,6 +43,22 @@ from .optim import WarmupCosine, build_stage1_optimizer, build_stage2_optimizer
 from .trainer import Stage1Trainer, Stage2Trainer
 
 logger = logging.getLogger("amfor.train")
+
+
+class SetupError(RuntimeError):
+    """The configured data or model cannot be built: a missing or unreadable dataset, image or weights file, a
+    dataset without training identities, a bad dataset or model argument. The message names the file."""
+
+
+def _setup_error(what: str, exc: Exception) -> SetupError | None:
+    """`exc` as a SetupError about `what` when it is the user's problem (files, values, unknown names or keyword
+    arguments), else None (a bug: let it raise with its traceback)."""
+    if isinstance(exc, TypeError) and "unexpected keyword argument" not in str(exc):
+        return None
+    if not isinstance(exc, (OSError, ValueError, KeyError, TypeError)):
+        return None
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return SetupError(f"{what}: {message}")
 
 
 # --- building blocks -------------------------------------------------------------------------------------
@@ -61,18 +83,48 @@ def create_model(cfg: DictConfig, num_classes: int, num_cameras: int) -> torch.n
     else:
         import amfor
         factory = lambda n, **kw: amfor.create_model(name, n, **kw)  # noqa: E731
-    return factory(num_classes, num_cameras=num_cameras, pretrained=cfg.model.pretrained, **kwargs)
+    for key, path in (("model.pretrained", cfg.model.pretrained), ("model.kwargs.clip_weights",
+                                                                   kwargs.get("clip_weights"))):
+        if path and str(path).endswith(".safetensors"):
+            require("safetensors", extra="safetensors", purpose=f"{key}={path}")
+    try:
+        return factory(num_classes, num_cameras=num_cameras, pretrained=cfg.model.pretrained, **kwargs)
+    except Exception as exc:
+        error = _setup_error(f"model {name}", exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def build_data(cfg: DictConfig, test: bool = False) -> ReIDData:
-    """The configured dataset (rank 0 first, so a synthetic set is generated once), or the test dataset."""
+    """The configured dataset (rank 0 first, so a synthetic set is generated once), or the test dataset.
+
+    `data.kwargs.on_bad_image=skip` implies `verify_images=true`: unreadable images are dropped (with a warning)
+    when the dataset is built; with the default `error` the first unreadable image ends the run naming the file.
+    SetupError for a missing or unreadable dataset, and for a training dataset without training identities."""
     name = (cfg.data.test_name or cfg.data.name) if test else cfg.data.name
     kwargs = dict(cfg.data.kwargs)
     if name == "synthetic":
         kwargs = {"size": cfg.data.size, "seed": cfg.data.seed, **kwargs}
-    data = build_dataset(name, cfg.data.root, **kwargs) if du.is_main() else None
+    if kwargs.get("on_bad_image") == "skip":
+        kwargs.setdefault("verify_images", True)
+
+    def build() -> ReIDData:
+        try:
+            return build_dataset(name, cfg.data.root, **kwargs)
+        except Exception as exc:
+            error = _setup_error(f"dataset {name} (data.root={cfg.data.root})", exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    data = build() if du.is_main() else None
     du.barrier()
-    return data if data is not None else build_dataset(name, cfg.data.root, **kwargs)
+    data = data if data is not None else build()
+    if not test and data.num_train_pids == 0:
+        raise SetupError(f"dataset {name} under {data.root} has no training identities (a test-only set): train on "
+                         f"another dataset and evaluate on this one with data.test_name={name}")
+    return data
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -85,44 +137,106 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
-def setup_logging(run_dir: Path | None) -> None:
+LOG_FORMAT = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
+
+
+def setup_logging(run_dir: Path | None, hold: bool = False) -> None:
+    """Log to the console and (rank 0) to run_dir/log.txt; with `hold` and no folder yet, keep the lines in
+    memory until `log_to_file` names it."""
     log = logging.getLogger("amfor")
     log.setLevel(logging.INFO if du.is_main() else logging.WARNING)
     log.propagate = False
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
-    fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
     handlers = [logging.StreamHandler()]
     if run_dir is not None and du.is_main():
         handlers.append(logging.FileHandler(run_dir / "log.txt"))
+    elif hold and du.is_main():
+        handlers.append(logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1))
     for h in handlers:
-        h.setFormatter(fmt)
+        h.setFormatter(LOG_FORMAT)
         log.addHandler(h)
 
 
+def log_to_file(run_dir: Path) -> None:
+    """Rank 0: from now on also log to run_dir/log.txt, starting with the lines held since `setup_logging`."""
+    if not du.is_main():
+        return
+    log = logging.getLogger("amfor")
+    file = logging.FileHandler(run_dir / "log.txt")
+    file.setFormatter(LOG_FORMAT)
+    for held in [h for h in log.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        held.setTarget(file)
+        held.flush()
+        log.removeHandler(held)
+        held.close()
+    log.addHandler(file)
+
+
+RUN_DIR_FORMAT = "%Y%m%d-%H%M%S"  # runs/<date>-<name>
+
+
 def resolve_run_dir(cfg: DictConfig, resume_path: Path | None) -> Path:
-    """--output, else the resumed checkpoint's run folder, else runs/<date>-<name> (rank 0 decides)."""
+    """--output, else the resumed checkpoint's run folder, else runs/<date>-<name> (rank 0 decides; the folder is
+    made by `make_run_dir` once the data and model are built)."""
     if cfg.output:
         run_dir = Path(cfg.output)
     elif resume_path is not None:
         run_dir = resume_path.resolve().parent.parent
     else:
-        run_dir = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.name}"
+        run_dir = Path("runs") / f"{datetime.now():{RUN_DIR_FORMAT}}-{cfg.name}"
     run_dir = Path(du.broadcast_object(str(run_dir)))
     if resume_path is None and (run_dir / "checkpoints" / "last.pt").exists():
         raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume or choose another --output")
-    if du.is_main():
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    du.barrier()
     return run_dir
 
 
-def find_last_checkpoint(name: str, runs: Path = Path("runs")) -> Path:
-    """`--resume` without a path: the newest runs/*-<name>/checkpoints/last.pt."""
-    found = sorted(runs.glob(f"*-{name}/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
+def make_dirs(path: Path) -> Path | None:
+    """`mkdir -p path` on rank 0 -> the outermost folder it made (e.g. runs/ on a first run), None when `path`
+    was there already (or on the other ranks). Every rank calls."""
+    made = None
+    if du.is_main():
+        missing = [p for p in (path.absolute(), *path.absolute().parents) if not p.exists()]
+        made = missing[-1] if missing else None
+        path.mkdir(parents=True, exist_ok=True)
+    du.barrier()
+    return made
+
+
+def remove_made(path: Path, made: Path) -> None:
+    """Undo `make_dirs`: remove `path` with its contents, then its parents up to `made` while they are empty
+    (another run may have put a folder in runs/ meanwhile)."""
+    path = path.absolute()
+    shutil.rmtree(path, ignore_errors=True)
+    for folder in path.parents:
+        if not folder.is_relative_to(made) or any(folder.iterdir()):
+            break
+        folder.rmdir()
+
+
+def make_run_dir(run_dir: Path) -> Path | None:
+    """The run folder and its checkpoints/ (rank 0) -> what `make_dirs` made."""
+    made = make_dirs(run_dir)
+    if du.is_main():
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+    return made
+
+
+def find_last_checkpoint(name: str, runs: Path = Path("runs"), output: str | Path | None = None) -> Path:
+    """`--resume` without a path: <output>/checkpoints/last.pt when an output folder is set, else the newest
+    runs/<date>-<name>/checkpoints/last.pt of run name `name` (exactly: `x-<name>` runs are not `<name>` runs)."""
+    if output:
+        last = Path(output) / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise CheckpointError(f"--resume: {last} does not exist; pass a checkpoint path")
+        return last
+    date = re.compile(r"\d{8}-\d{6}-" + re.escape(name))
+    found = sorted((p for p in runs.glob("*/checkpoints/last.pt") if date.fullmatch(p.parent.parent.name)),
+                   key=lambda p: (p.stat().st_mtime, p.parent.parent.name))
     if not found:
-        raise CheckpointError(f"--resume: no runs/*-{name}/checkpoints/last.pt to resume; pass a checkpoint path")
+        raise CheckpointError(f"--resume: no run named {name!r} to resume ({runs}/<date>-{name}/checkpoints/last.pt "
+                              "in the working directory); pass a checkpoint path, or the run's --config or --set name=")
     return found[-1]
 
 
@@ -142,16 +256,35 @@ class Run:
         du.init_distributed(self.device)
         self.rank, self.world = du.get_rank(), du.get_world_size()
         self.run_dir = resolve_run_dir(cfg, resume_path)
-        setup_logging(self.run_dir)
+        setup_logging(None, hold=True)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl" if du.is_main() else None)
-        if resume is not None and du.is_main():
-            self.log.truncate_after(resume["trainer"]["stage"], resume["trainer"]["step"])
-        self.write_config()
+        self.log, self.made_dir = MetricsLog(None), None  # the folder comes with open_run_dir
         self.amp = amp_dtype(cfg.train.amp, self.device)
         self.workers = auto_num_workers(cfg.data.num_workers, du.local_world_size())
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+
+    def open_run_dir(self) -> None:
+        """Create the run folder (once the data and model are built): log.txt, metrics.jsonl, config.yaml."""
+        self.made_dir = make_run_dir(self.run_dir)
+        log_to_file(self.run_dir)
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl" if du.is_main() else None)
+        if du.is_main() and self.log.writer is None:
+            logger.info('TensorBoard logs off: pip install "amfor[tensorboard]" to have them')
+        if self.resume is not None and du.is_main():
+            self.log.truncate_after(self.resume["trainer"]["stage"], self.resume["trainer"]["step"])
+        self.write_config()
+
+    def discard_run_dir(self) -> None:
+        """After a failure: remove the run folder this run created when it holds no metrics record and no
+        checkpoint yet (nothing to read or resume)."""
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.made_dir is None or (metrics.exists() and metrics.stat().st_size > 0) or \
+                any(self.ckpt_dir.glob("*.pt")):
+            return
+        self.log.close()
+        setup_logging(None)  # closes log.txt
+        remove_made(self.run_dir, self.made_dir)
 
     def write_config(self) -> None:
         if du.is_main():
@@ -378,6 +511,7 @@ def train(cfg: DictConfig, resume_path: str | Path | None = None, resume: dict |
     run = Run(cfg, resume, Path(resume_path) if resume_path is not None else None, start)
     try:
         run.build()
+        run.open_run_dir()
         if resume is not None and resume["trainer"]["stage"] == 1:
             load_model_state(run.model, resume, resume_path)
         run.stage1()
@@ -386,6 +520,9 @@ def train(cfg: DictConfig, resume_path: str | Path | None = None, resume: dict |
         logger.info("run folder: %s", run.run_dir)
         du.barrier()  # leave the process group together (gloo aborts a rank that leaves while others still work)
         return results
+    except BaseException:
+        run.discard_run_dir()
+        raise
     finally:
         run.log.close()
         du.cleanup()

@@ -7,9 +7,18 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from amfor.config import DEMO_SWITCHES, Config, ConfigError, build_config, load_yaml, to_dict, valid_keys
+from amfor.config import (
+    DEMO_SWITCHES,
+    Config,
+    ConfigError,
+    build_config,
+    find_config,
+    list_configs,
+    load_yaml,
+    to_dict,
+    valid_keys,
+)
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 BENCHMARKS = ["market1501", "dukemtmc", "occluded_duke", "occluded_reid", "p_dukemtmc", "msmt17"]
 
 
@@ -24,8 +33,8 @@ def test_required_keys_exist_with_their_types():
 
 
 def test_synthetic_yaml_is_the_embedded_default():
-    """configs/synthetic.yaml spells out exactly the defaults `python -m amfor.train` runs with."""
-    assert to_dict(build_config(CONFIGS / "synthetic.yaml")) == to_dict(build_config())
+    """The shipped `synthetic` config spells out exactly the defaults `python -m amfor.train` runs with."""
+    assert to_dict(build_config("synthetic")) == to_dict(build_config())
 
 
 def test_model_kwargs_belong_to_the_model_they_were_written_for(tmp_path):
@@ -34,7 +43,7 @@ def test_model_kwargs_belong_to_the_model_they_were_written_for(tmp_path):
     assert dict(build_config().model.kwargs) == DEMO_SWITCHES
     assert dict(build_config(overrides=["model.kwargs.amff=true"]).model.kwargs) == {**DEMO_SWITCHES, "amff": True}
     assert dict(build_config(overrides=["model.name=amfor_vit_small_patch16"]).model.kwargs) == {}
-    assert dict(build_config(CONFIGS / "occluded_duke.yaml").model.kwargs) == {"clip_weights": "pretrained/ViT-B-16.pt"}
+    assert dict(build_config("occluded_duke").model.kwargs) == {"clip_weights": "pretrained/ViT-B-16.pt"}
     same = tmp_path / "same.yaml"
     same.write_text("model:\n  name: amfor_vit_tiny_patch16\n  kwargs:\n    hpr: true\n")
     assert dict(build_config(same).model.kwargs) == {**DEMO_SWITCHES, "hpr": True}  # the same model: merged
@@ -44,7 +53,7 @@ def test_model_kwargs_belong_to_the_model_they_were_written_for(tmp_path):
 
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_benchmark_configs_carry_the_paper_recipe(name):
-    cfg = build_config(CONFIGS / f"{name}.yaml", [f"data.root=/data/{name}"])
+    cfg = build_config(name, [f"data.root=/data/{name}"])
     t = cfg.train
     assert (t.stage1_epochs, t.stage1_lr, t.stage1_warmup_epochs) == (120, 3.5e-4, 5)
     assert (t.epochs, t.lr, t.momentum, t.weight_decay, t.bias_lr_factor, t.warmup_epochs) == \
@@ -57,8 +66,27 @@ def test_benchmark_configs_carry_the_paper_recipe(name):
 
 
 def test_occluded_reid_trains_on_market():
-    cfg = build_config(CONFIGS / "occluded_reid.yaml")
+    cfg = build_config("occluded_reid")
     assert cfg.data.name == "market1501" and cfg.data.test_name == "occluded_reid"
+
+
+def test_shipped_configs_are_package_data_found_by_name_or_path(tmp_path, monkeypatch):
+    """`--config market1501`, `market1501.yaml` or a path: the shipped files live inside the package (installed
+    with it); a file of that name in the working directory wins; anything else names the shipped configs."""
+    import amfor
+
+    shipped = Path(amfor.__file__).parent / "configs" / "market1501.yaml"
+    assert shipped.is_file() and {"synthetic", *BENCHMARKS} <= set(list_configs())
+    monkeypatch.chdir(tmp_path)
+    assert find_config("market1501") == find_config("market1501.yaml") == shipped
+    assert find_config(shipped) == shipped
+    assert to_dict(build_config("market1501")) == to_dict(build_config(str(shipped)))
+    (tmp_path / "market1501.yaml").write_text("name: mine\n")
+    assert find_config("market1501.yaml") == Path("market1501.yaml")  # an existing file is taken as given
+    assert build_config("market1501.yaml").name == "mine" and build_config("market1501").name == "market1501"
+    for wrong in ("market", "configs/market1501.yaml", str(tmp_path / "nothing.yaml")):
+        with pytest.raises(ConfigError, match=r"no config file .*market1501, msmt17"):
+            build_config(wrong)
 
 
 def test_precedence_defaults_file_overrides(tmp_path):
