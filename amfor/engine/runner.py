@@ -276,10 +276,13 @@ class Run:
         self.write_config()
 
     def discard_run_dir(self) -> None:
-        """After a failure: remove the run folder this run created when it holds no metrics record and no
-        checkpoint yet (nothing to read or resume)."""
+        """After a failure: remove the run folder this run created when it holds no record of progress (a training
+        step, an evaluation; the schedule record of a stage's start is none) and no checkpoint yet (nothing to read
+        or resume)."""
         metrics = self.run_dir / "metrics.jsonl"
-        if self.made_dir is None or (metrics.exists() and metrics.stat().st_size > 0) or \
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
+            if metrics.exists() else []
+        if self.made_dir is None or any(r.get("type") != "schedule" for r in records) or \
                 any(self.ckpt_dir.glob("*.pt")):
             return
         self.log.close()
