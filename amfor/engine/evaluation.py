@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import build_test_loader
+from ..data import build_test_loader, resolve_data_config
 from ..data.records import ImageRecord, ReIDData
 from ..evaluation import evaluate_features, evaluate_rank, flip_average, plot_cmc, ranked_lists, re_ranking
 from ..evaluation.distances import pairwise_distance
@@ -34,14 +34,17 @@ def extract(model, records: Sequence[ImageRecord], device: torch.device, size: t
 
     Each rank runs its share (`distributed.shard`); the shares are all-gathered. The global RNG state is
     left as it was (loader iterators draw seeds), so evaluating inside training does not change training.
+    The images are normalised as the model's `pretrained_cfg` says (`resolve_data_config`); a record's camid -1
+    is an unknown camera.
     """
+    norm = {k: v for k, v in resolve_data_config(model, size).items() if k != "size"}
     was_training = model.training
     model.eval()
     share = list(records)[du.shard(len(records))]
     feats, vis = [], []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        loader = build_test_loader(share, size=tuple(size), batch_size=batch_size, num_workers=num_workers) \
-            if share else []
+        loader = build_test_loader(share, size=tuple(size), batch_size=batch_size, num_workers=num_workers,
+                                   **norm) if share else []
         for batch in loader:
             f, v = _forward(model, batch["img"].to(device), batch["camid"].to(device), global_only, amp_dtype)
             if flip:
