@@ -137,7 +137,7 @@ def export(model: nn.Module, fmt: str, path: str | Path, global_only: bool = Fal
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     model = model.cpu().eval()
-    wrapper = InferenceModel(model, global_only, camids)
+    wrapper = InferenceModel(model, global_only, camids).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     spec = {"format": fmt, "input_size": list(model.input_size), **io_spec(model, wrapper)}
