@@ -34,10 +34,11 @@ def extract(model, records: Sequence[ImageRecord], device: torch.device, size: t
 
     Each rank runs its share (`distributed.shard`); the shares are all-gathered. The global RNG state is
     left as it was (loader iterators draw seeds), so evaluating inside training does not change training.
-    The images are normalised as the model's `pretrained_cfg` says (`resolve_data_config`); a record's camid -1
-    is an unknown camera.
+    The images are normalised as the model's `pretrained_cfg` says (`resolve_data_config`); a record's camid -1,
+    or one beyond the model's `num_cameras` (a camera of another dataset; one warning), is an unknown camera.
     """
     norm = {k: v for k, v in resolve_data_config(model, size).items() if k != "size"}
+    records = known_cameras(records, getattr(model, "num_cameras", None))
     was_training = model.training
     model.eval()
     share = list(records)[du.shard(len(records))]
@@ -59,6 +60,16 @@ def extract(model, records: Sequence[ImageRecord], device: torch.device, size: t
     out = {"features": _gather(feats, len(records), device)}
     out["visibility"] = None if global_only else _gather(vis, len(records), device)
     return out
+
+
+def known_cameras(records: Sequence[ImageRecord], num_cameras: int | None) -> Sequence[ImageRecord]:
+    """Records with a camera id the model does not have (>= num_cameras > 0) as unknown cameras (-1), one warning."""
+    if not num_cameras or all(r.camid < num_cameras for r in records):
+        return records
+    beyond = sorted({r.camid for r in records if r.camid >= num_cameras})
+    logger.warning("camera ids %s are beyond the model's %d cameras: treated as unknown cameras (docs/model.md, "
+                   "\"Cameras\")", beyond, num_cameras)
+    return [r._replace(camid=-1) if r.camid >= num_cameras else r for r in records]
 
 
 def _forward(model, img, camid, global_only: bool, amp_dtype):
