@@ -3,9 +3,10 @@ for deployment.
 
 Traced through the reference ops (no custom op in the graph); checked against onnxruntime (ONNX, when
 installed: `pip install "amfor[export]"`) or torch.export.load (.pt2) on a batch of another size.
-Inputs `images` [B, 3, H, W] float32 (mean = std = 0.5) and `camids` [B] int64; outputs `features`
-[B, 1+P, D] and `visibility` [B, 1+P] (`--global-only`: `features` [B, D]). The shapes are written
-to <output>.json.
+Inputs `images` [B, 3, H, W] float32 (normalised with the model's `pretrained_cfg` mean and std) and `camids`
+[B] int64 (-1: unknown camera; `--no-camids`: no such input, every camera unknown); outputs `features`
+[B, 1+P, D] and `visibility` [B, 1+P] (`--global-only`: `features` [B, D]). The shapes and the preprocessing
+are written to <output>.json.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="onnx")
     parser.add_argument("--output", help="file to write (default: next to the checkpoint, .onnx or .pt2)")
     parser.add_argument("--global-only", action="store_true", help="export only the global feature [B, D]")
+    parser.add_argument("--no-camids", action="store_true",
+                        help="no camids input: every camera unknown (the seen cameras' mean offsets)")
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--no-check", action="store_true", help="skip the parity check")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "onnx":
             require("onnx", "onnxscript", extra="export", purpose="--format onnx")
         model, _, _ = load_for_inference(args.checkpoint, overrides=args.set)
-        spec = export(model, args.format, out, args.global_only, args.opset, not args.no_check)
+        spec = export(model, args.format, out, args.global_only, args.opset, not args.no_check,
+                      camids=not args.no_camids)
     except BaseException as exc:
         for path in written:
             path.unlink(missing_ok=True)

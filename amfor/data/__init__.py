@@ -7,9 +7,18 @@ from .parts import FLIP_PAIRS, NO_MASK, NUM_PARTS, PART_NAMES
 from .records import ImageRecord, ReIDData, relabel
 from .registry import build_dataset, list_datasets, register_dataset
 from .sampler import PKSampler
-from .transforms import JointErasing, OccluderPaste, ReIDTransform, patch_occlusion, swap_parts
+from .transforms import (
+    REID_MEAN,
+    REID_STD,
+    JointErasing,
+    OccluderPaste,
+    ReIDTransform,
+    patch_occlusion,
+    resolve_data_config,
+    swap_parts,
+)
 
-__all__ = ["FLIP_PAIRS", "NO_MASK", "NUM_PARTS", "PART_NAMES", "DatasetWarning", "ImageRecord", "JointErasing",
-           "OccluderPaste", "PKSampler", "ReIDData", "ReIDImageDataset", "ReIDTransform", "build_dataset",
-           "build_test_loader", "build_train_loader", "list_datasets", "patch_occlusion", "register_dataset", "relabel",
-           "swap_parts"]
+__all__ = ["FLIP_PAIRS", "NO_MASK", "NUM_PARTS", "PART_NAMES", "REID_MEAN", "REID_STD", "DatasetWarning", "ImageRecord",
+           "JointErasing", "OccluderPaste", "PKSampler", "ReIDData", "ReIDImageDataset", "ReIDTransform",
+           "build_dataset", "build_test_loader", "build_train_loader", "list_datasets", "patch_occlusion",
+           "register_dataset", "relabel", "resolve_data_config", "swap_parts"]

@@ -69,6 +69,17 @@ class ReIDData:
         return len({r.camid for r in self.train})
 
     @property
+    def train_cameras(self) -> set[int]:
+        """The camera ids training sees (-1, an unknown camera, left out)."""
+        return {r.camid for r in self.train if r.camid >= 0}
+
+    @property
+    def num_cameras(self) -> int:
+        """Camera ids 0 .. max over every split (train, query, gallery, extra): the model's `num_cameras`, so that
+        a camera only the test splits hold is in range (docs/model.md, "Cameras"). 0 when no image has one."""
+        return 1 + max((r.camid for split in self.splits().values() for r in split), default=-1)
+
+    @property
     def num_query_pids(self) -> int:
         return len({r.pid for r in self.query})
 

@@ -21,6 +21,29 @@ from .parts import FLIP_PAIRS, NO_MASK
 
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # img [3, H, W] float, mask [H, W] long, occ [H, W] bool
 
+# TransReID's and CLIP-ReID's normalisation (x - 0.5) / 0.5; the models' `pretrained_cfg` (amfor/models/registry.py)
+# names it, and the loaders take what the model's `pretrained_cfg` says (`resolve_data_config`)
+REID_MEAN = (0.5, 0.5, 0.5)
+REID_STD = (0.5, 0.5, 0.5)
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
+                  "nearest": v2.InterpolationMode.NEAREST}
+
+
+def resolve_data_config(model=None, size: tuple[int, int] | None = None) -> dict:
+    """What the model's input expects, from its timm-style `pretrained_cfg`: {"size": (H, W), "mean", "std",
+    "interpolation"}. A model without one (a user's factory, a stand-in) gets `size` (else its `input_size`) and
+    the ReID normalisation."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    if "input_size" in cfg:
+        size = tuple(cfg["input_size"][-2:])
+    elif size is None:
+        size = tuple(model.input_size)
+    interpolation = cfg.get("interpolation", "bilinear")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"pretrained_cfg interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+    return {"size": tuple(int(v) for v in size), "mean": tuple(cfg.get("mean", REID_MEAN)),
+            "std": tuple(cfg.get("std", REID_STD)), "interpolation": interpolation}
+
 
 def swap_parts(mask: torch.Tensor, pairs: Sequence[tuple[int, int]] = FLIP_PAIRS) -> torch.Tensor:
     """Exchange left/right part labels (after a horizontal flip)."""
@@ -112,14 +135,17 @@ class ReIDTransform:
     Train: resize, flip (p=flip), pad + random crop, synthetic occluders, normalise, random erasing.
     Test: resize and normalise. Shapes out: img [3, H, W] float, mask [H, W] long (-1 everywhere when
     the image has no parsing mask), occlusion [H, W] bool (True where an occluder or erasing covered).
+    size, mean, std, interpolation: the model's (`resolve_data_config(model)`).
     """
 
     def __init__(self, size: tuple[int, int] = (256, 128), train: bool = True, flip: float = 0.5, pad: int = 10,
                  erasing: float = 0.5, occluder: float = 0.0, occluder_source: Callable[[], torch.Tensor] | None = None,
-                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
-                 flip_pairs: Sequence[tuple[int, int]] = FLIP_PAIRS) -> None:
+                 mean: Sequence[float] = REID_MEAN, std: Sequence[float] = REID_STD,
+                 flip_pairs: Sequence[tuple[int, int]] = FLIP_PAIRS, interpolation: str = "bilinear") -> None:
         self.size, self.train, self.flip, self.flip_pairs = tuple(size), train, flip, tuple(flip_pairs)
-        steps = [v2.Resize(self.size, antialias=True)]
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+        steps = [v2.Resize(self.size, interpolation=INTERPOLATIONS[interpolation], antialias=True)]
         if train and pad > 0:
             steps += [v2.Pad(pad, fill={tv_tensors.Image: 0, tv_tensors.Mask: 0}), v2.RandomCrop(self.size)]
         self.geometric = v2.Compose(steps)

@@ -126,12 +126,13 @@ def auto_num_workers(requested: int, local_ranks: int = 1) -> int:
 
 
 def build_epoch_loader(data: ReIDData, cfg, size: tuple[int, int], rank: int, world: int,
-                       num_workers: int) -> EpochLoader:
-    """The stage-2 loader: amfor.data's dataset and PK sampler, driven per global batch with seeded samples."""
+                       num_workers: int, norm: dict | None = None) -> EpochLoader:
+    """The stage-2 loader: amfor.data's dataset and PK sampler, driven per global batch with seeded samples.
+    norm: the model's mean, std and interpolation (`resolve_data_config(model)`; None: the ReID defaults)."""
     d = cfg.data
     base = build_train_loader(data, size=tuple(size), batch_size=cfg.train.batch_size, num_instances=d.num_instances,
                               num_workers=0, seed=cfg.train.seed, flip=d.flip, pad=d.pad, erasing=d.erasing,
-                              occluder=d.occluder, load_masks=d.load_masks, num_replicas=1, rank=0)
+                              occluder=d.occluder, load_masks=d.load_masks, num_replicas=1, rank=0, **(norm or {}))
     batch_sampler = GlobalBatchSampler(base.sampler, cfg.train.seed, rank, world)
     loader = DataLoader(SeededSamples(base.dataset), batch_sampler=batch_sampler, num_workers=num_workers,
                         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),

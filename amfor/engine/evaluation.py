@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import build_test_loader
+from ..data import build_test_loader, resolve_data_config
 from ..data.records import ImageRecord, ReIDData
 from ..evaluation import evaluate_features, evaluate_rank, flip_average, plot_cmc, ranked_lists, re_ranking
 from ..evaluation.distances import pairwise_distance
@@ -34,14 +34,18 @@ def extract(model, records: Sequence[ImageRecord], device: torch.device, size: t
 
     Each rank runs its share (`distributed.shard`); the shares are all-gathered. The global RNG state is
     left as it was (loader iterators draw seeds), so evaluating inside training does not change training.
+    The images are normalised as the model's `pretrained_cfg` says (`resolve_data_config`); a record's camid -1,
+    or one beyond the model's `num_cameras` (a camera of another dataset; one warning), is an unknown camera.
     """
+    norm = {k: v for k, v in resolve_data_config(model, size).items() if k != "size"}
+    records = known_cameras(records, getattr(model, "num_cameras", None))
     was_training = model.training
     model.eval()
     share = list(records)[du.shard(len(records))]
     feats, vis = [], []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        loader = build_test_loader(share, size=tuple(size), batch_size=batch_size, num_workers=num_workers) \
-            if share else []
+        loader = build_test_loader(share, size=tuple(size), batch_size=batch_size, num_workers=num_workers,
+                                   **norm) if share else []
         for batch in loader:
             f, v = _forward(model, batch["img"].to(device), batch["camid"].to(device), global_only, amp_dtype)
             if flip:
@@ -56,6 +60,16 @@ def extract(model, records: Sequence[ImageRecord], device: torch.device, size: t
     out = {"features": _gather(feats, len(records), device)}
     out["visibility"] = None if global_only else _gather(vis, len(records), device)
     return out
+
+
+def known_cameras(records: Sequence[ImageRecord], num_cameras: int | None) -> Sequence[ImageRecord]:
+    """Records with a camera id the model does not have (>= num_cameras > 0) as unknown cameras (-1), one warning."""
+    if not num_cameras or all(r.camid < num_cameras for r in records):
+        return records
+    beyond = sorted({r.camid for r in records if r.camid >= num_cameras})
+    logger.warning("camera ids %s are beyond the model's %d cameras: treated as unknown cameras (docs/model.md, "
+                   "\"Cameras\")", beyond, num_cameras)
+    return [r._replace(camid=-1) if r.camid >= num_cameras else r for r in records]
 
 
 def _forward(model, img, camid, global_only: bool, amp_dtype):

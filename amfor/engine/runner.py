@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from .. import config as C
-from ..data import build_dataset
+from ..data import build_dataset, resolve_data_config
 from ..data.records import ReIDData
 from ..extras import require
 from . import distributed as du
@@ -74,9 +74,10 @@ def process_start_time() -> float:
 
 
 def create_model(cfg: DictConfig, num_classes: int, num_cameras: int) -> torch.nn.Module:
-    """`amfor.create_model(name, ...)`, or the factory `package.module:function` named by model.name."""
+    """`amfor.create_model(name, ...)`, or the factory `package.module:function` named by model.name.
+    (`model.kwargs.num_cameras` is read by `count_cameras`, not passed twice.)"""
     name = cfg.model.name
-    kwargs = dict(cfg.model.kwargs)
+    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "num_cameras"}
     if ":" in name:
         module, _, attr = name.partition(":")
         factory = getattr(importlib.import_module(module), attr)
@@ -94,6 +95,20 @@ def create_model(cfg: DictConfig, num_classes: int, num_cameras: int) -> torch.n
         if error is None:
             raise
         raise error from exc
+
+
+def count_cameras(cfg: DictConfig, *datasets: ReIDData | None) -> int:
+    """The model's camera count: `model.kwargs.num_cameras` when the config sets it, else the camera ids of every
+    split of every dataset the run sees (0 .. max camid), so that a test camera never seen in training is in
+    range (it then gets the seen cameras' mean offsets: docs/model.md, "Cameras")."""
+    found = max((d.num_cameras for d in datasets if d is not None), default=0)
+    configured = cfg.model.kwargs.get("num_cameras")
+    if configured is None:
+        return found
+    if int(configured) < found:
+        raise C.ConfigError(f"model.kwargs.num_cameras={configured}, but the data holds camera ids up to "
+                            f"{found - 1}: it must be at least {found}")
+    return int(configured)
 
 
 def build_data(cfg: DictConfig, test: bool = False) -> ReIDData:
@@ -295,10 +310,16 @@ class Run:
 
     def build(self) -> None:
         self.data = build_data(self.cfg)  # the dataset logs its own summary table
+        other = self.cfg.data.test_name and self.cfg.data.test_name != self.cfg.data.name
+        self.test_data = build_data(self.cfg, test=True) if other else None
+        self.num_cameras = count_cameras(self.cfg, self.data, self.test_data)
         seed_everything(self.cfg.train.seed)  # the same initial weights on every rank (stage 1 runs without DDP)
-        self.model = create_model(self.cfg, self.data.num_train_pids, self.data.num_train_cams).to(self.device)
+        self.model = create_model(self.cfg, self.data.num_train_pids, self.num_cameras).to(self.device)
+        if hasattr(self.model, "set_train_cameras"):
+            self.model.set_train_cameras(self.data.train_cameras)
         seed_everything(self.cfg.train.seed + self.rank)  # then each rank its own stream (dropout, masking)
         self.size = tuple(self.model.input_size)
+        self.norm = {k: v for k, v in resolve_data_config(self.model, self.size).items() if k != "size"}
         self.stage1_finished = False
         logger.info("model %s: %d classes, input %s, %.2fM parameters, %d rank(s), device %s, %d loader worker(s)",
                     self.cfg.model.name, self.model.num_classes, self.size,
@@ -307,7 +328,7 @@ class Run:
     # checkpoints ------------------------------------------------------------------------------------
     def meta(self) -> dict:
         return {"config": C.to_dict(self.cfg), "model_name": self.cfg.model.name,
-                "num_classes": int(self.model.num_classes), "num_cameras": int(self.data.num_train_cams),
+                "num_classes": int(self.model.num_classes), "num_cameras": int(self.num_cameras),
                 "stage1_finished": self.stage1_finished}
 
     def save(self, trainer) -> None:
@@ -373,6 +394,7 @@ class Run:
             def __init__(self, model: torch.nn.Module) -> None:
                 super().__init__()
                 self.model = model
+                self.pretrained_cfg = getattr(model, "pretrained_cfg", None)
 
             def forward(self, img, camid, global_only=False):
                 return {"features": self.model.stage1_features(img, camid)}
@@ -398,7 +420,7 @@ class Run:
                 p.requires_grad_(False)
         if self.resume is not None and self.resume["trainer"]["stage"] == 2:
             load_model_state(model, self.resume, "resumed checkpoint")
-        loader = build_epoch_loader(self.data, self.cfg, self.size, self.rank, self.world, self.workers)
+        loader = build_epoch_loader(self.data, self.cfg, self.size, self.rank, self.world, self.workers, self.norm)
         per_epoch = loader.epoch_length(0)
         total = cfg.max_steps or loader.steps_for_epochs(cfg.epochs)
         train_model = self.wrap_ddp(model)
@@ -488,7 +510,7 @@ class Run:
                 source = (f"checkpoints/best.pt (val mAP {state['val']['mAP']:.4f} at stage-2 step "
                           f"{state['trainer']['step']})")
             du.broadcast_tensors(self.model.state_dict().values())
-        data = self.data if not self.cfg.data.test_name or self.cfg.data.test_name == self.cfg.data.name else None
+        data = self.test_data if self.test_data is not None else self.data
         results = run_test(self.model, self.cfg, self.device, self.size, self.run_dir, self.amp, self.workers, data)
         if du.is_main():
             logger.info("\n%s", format_table(results, f"test ({source})"))

@@ -3,8 +3,14 @@ BNNeck heads and the loss dict. One method per stage, as MAE: `forward_encoder`,
 `forward_parts`, `forward_masked_view`, `forward_losses`; `forward` dispatches on the mode.
 
 Training: `model(images, pids, camids, masks=None, occlusion=None)` -> {"loss": weighted total, "loss_<term>": ...,
-diagnostics}. Eval: `model(images, camids)` -> {"features": [B, 1 + P, D], "visibility": [B, 1 + P]}, or
+diagnostics}. Eval: `model(images, camids=None)` -> {"features": [B, 1 + P, D], "visibility": [B, 1 + P]}, or
 {"features": [B, D]} with `global_only=True`. Eval runs no training-only branch and draws no random number.
+Inputs are validated once, at the entry, before anything runs (amfor/models/inputs.py); camids None or -1 is an
+unknown camera.
+
+As a timm model: `num_classes=0` builds a headless feature extractor (no identity classifier, no identity prompt;
+`reset_classifier(n)` adds them), `forward_features` (the global branch's tokens), `forward_head`, `num_features`,
+`pretrained_cfg` (input size, mean, std: the registry's entry).
 
 Every component has a switch (`amff`, `text`, `parts`, `teacher_student`, `amgd`, `hpr`, `part_recon`); all off is
 the TransReID-style baseline: ID + triplet on the CLS token. Choices where the paper is silent: docs/model.md.
@@ -12,7 +18,8 @@ the TransReID-style baseline: ID + triplet on the CLS token. Choices where the p
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +41,11 @@ from amfor.losses import (
     patchify,
     triplet_loss,
 )
-from amfor.losses.identity import check_pids, out_of_range
 from amfor.models.backbone import ReIDViT
 from amfor.models.camera import CameraCentering
 from amfor.models.fusion import AMFFEncoder
 from amfor.models.heads import BNNeck, PartNecks
+from amfor.models.inputs import check_ids, check_images, check_maps, check_ranges
 from amfor.models.parts import PartClassifier, PartDecoder, VisibilityHead, teacher_masks, weighted_pooling
 from amfor.models.reconstruction import PartReconstructor, choose_masked_patches
 from amfor.models.text import TextBranch, contrastive_losses
@@ -92,10 +99,12 @@ class AMFOR(nn.Module):
                  recon_fill: bool = False, recon_neck: str = "shared", recon_detach: bool = False,
                  # losses
                  loss_weights: Mapping[str, float] | None = None, triplet_margin: float | None = None,
-                 label_smoothing: float = 0.0, parsing_smoothing: float = 0.1) -> None:
+                 label_smoothing: float = 0.0, parsing_smoothing: float = 0.1,
+                 pretrained_cfg: Mapping | None = None) -> None:
         super().__init__()
         self._check_switches(amff, text, parts, teacher_student, amgd, hpr, part_recon, num_classes)
-        self.num_classes, self.num_parts = num_classes, num_parts
+        self.num_classes, self.num_parts, self.num_cameras = num_classes, num_parts, num_cameras
+        self.num_features = embed_dim  # timm: the width of the features before the classifier
         self.switches = dict(amff=amff, text=text, parts=parts, teacher_student=teacher_student, amgd=amgd, hpr=hpr,
                              part_recon=part_recon)
         self.loss_weights = self._loss_weights(loss_weights)
@@ -127,6 +136,11 @@ class AMFOR(nn.Module):
         self.backbone = ReIDViT(img_size, patch_size, stride, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                                 mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, num_cameras=num_cameras,
                                 sie_coef=sie_coef)
+        self.pretrained_cfg = self._pretrained_cfg(pretrained_cfg)
+        if num_cameras > 0:  # the cameras seen in training (all, until `set_train_cameras` says otherwise)
+            self.register_buffer("cameras_seen", torch.ones(num_cameras, dtype=torch.bool))
+        else:
+            self.cameras_seen = None
         D, C, P = embed_dim, num_classes, num_parts
         self.text = TextBranch(C, D, text_width, text_heads, text_layers, text_dim, text_context,
                                clip_weights) if text else None
@@ -162,8 +176,8 @@ class AMFOR(nn.Module):
         for name, on in (("teacher_student", teacher_student), ("amgd", amgd), ("part_recon", part_recon)):
             if on and not needs[name][1]:
                 raise ValueError(f"{name}=True needs {needs[name][0]}=True")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: a headless feature extractor), got {num_classes}")
 
     @staticmethod
     def _loss_weights(overrides: Mapping[str, float] | None) -> dict[str, float]:
@@ -173,6 +187,18 @@ class AMFOR(nn.Module):
                 raise ValueError(f"unknown loss weight {key!r}; the terms are {sorted(weights)}")
             weights[key] = float(value)
         return weights
+
+    def _pretrained_cfg(self, cfg: Mapping | None) -> dict:
+        """timm's `pretrained_cfg`: the registry entry's (the defaults of `registry.pretrained_cfg` for a model built
+        directly), with this model's input size."""
+        from amfor.models.registry import pretrained_cfg as default
+
+        return {**(dict(cfg) if cfg is not None else default()), "input_size": (3, *self.backbone.img_size)}
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of `pretrained_cfg`."""
+        return self.pretrained_cfg
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -203,6 +229,7 @@ class AMFOR(nn.Module):
 
     def stage1_features(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
         """The image feature prompts are aligned to: g [B, D] from the (frozen) encoder, no text bank."""
+        self.check_inputs(images, camids=camids)
         return self.forward_global(self.forward_encoder(images, camids, None))[:, 0]
 
     def stage1_loss(self, image_feats: torch.Tensor, pids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -224,13 +251,16 @@ class AMFOR(nn.Module):
                 p.requires_grad_(False)
 
     def text_keys(self) -> torch.Tensor | None:
-        """The text bank in visual space [C or 1, D] for the AMFF-Encoder (None without text or AMFF)."""
-        if self.text is None:
+        """The text bank in visual space [C or 1, D] for the AMFF-Encoder (None without text or AMFF, or without
+        identities: a headless model). A bank stage 1 has not filled is built from the current prompts, with one
+        warning (a fresh model runs; its text keys are those of untrained prompts)."""
+        if self.text is None or self.fusion is None or self.num_classes == 0:
             return None
         if not self.text.ready:
-            raise RuntimeError("the text bank is empty: run stage 1 and call model.finish_stage1() before stage 2 "
-                               "or evaluation")
-        return self.text.visual_bank(self.text_bank_mode) if self.fusion is not None else None
+            warnings.warn("the text bank is empty (stage 1 has not run): built from the current, untrained prompts. "
+                          "Run stage 1 and call model.finish_stage1() for the trained ones", UserWarning, stacklevel=3)
+            self.text.build_bank()
+        return self.text.visual_bank(self.text_bank_mode)
 
     # -- encoder ---------------------------------------------------------------------------------------------------
     def forward_encoder(self, images: torch.Tensor, camids: torch.Tensor | None, text_keys: torch.Tensor | None,
@@ -267,13 +297,14 @@ class AMFOR(nn.Module):
             return g, part
         if part is None:
             only_g = None if self.camera_centering.num_slots == 1 else slice(0, 1)
-            return self.camera_centering(g[:, None], camids, slots=only_g)[:, 0], part
-        part = dict(part)
-        x = self.camera_centering(torch.cat([g[:, None], part["student"], part["foreground"][:, None]], 1), camids)
+            return self.camera_centering(g[:, None], camids, slots=only_g, check=False)[:, 0], part
+        part = dict(part)  # camids were checked at the model's entry: no range check here
+        x = self.camera_centering(torch.cat([g[:, None], part["student"], part["foreground"][:, None]], 1), camids,
+                                  check=False)
         g, part["student"], part["foreground"] = x[:, 0], x[:, 1:-1], x[:, -1]
         if "teacher" in part:
             t = self.teacher_centering(torch.cat([part["teacher"], part["teacher_foreground"][:, None]], 1), camids,
-                                       check=False)  # the same camids were checked just above
+                                       check=False)
             part["teacher"], part["teacher_foreground"] = t[:, :-1], t[:, -1]
         return g, part
 
@@ -289,7 +320,7 @@ class AMFOR(nn.Module):
             tokens = masked_gather(patches, index, pos[1:], check_index=False)
         cls = (vit.cls_token[0] + pos[:1]).expand(images.shape[0], 1, -1)
         x = torch.cat([cls, tokens], dim=1)
-        sie = vit.camera_embedding(camids, images.shape[0])
+        sie = vit.camera_embedding(camids, images.shape[0], self.cameras_seen)
         return vit.pos_drop(x if sie is None else x + sie)
 
     # -- part branch -----------------------------------------------------------------------------------------------
@@ -333,8 +364,8 @@ class AMFOR(nn.Module):
             return None
         vit, C = self.backbone, self.num_parts + 1
         if self.parsing_targets == "soft":
-            return mask_to_token_fractions(masks, vit.patch_size, vit.stride, C)
-        labels = mask_to_tokens(masks, vit.patch_size, vit.stride, C)
+            return mask_to_token_fractions(masks, vit.patch_size, vit.stride, C, check=False)  # checked at the entry
+        labels = mask_to_tokens(masks, vit.patch_size, vit.stride, C, check=False)
         return F.one_hot(labels.clamp(min=0), C).float() * (labels >= 0)[..., None]
 
     # -- masked view (HPR patch level) ----------------------------------------------------------------------------
@@ -464,7 +495,10 @@ class AMFOR(nn.Module):
     def forward_train(self, images: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor | None = None,
                       masks: torch.Tensor | None = None, occlusion: torch.Tensor | None = None
                       ) -> dict[str, torch.Tensor]:
-        self._check_batch(images, pids, masks, occlusion)
+        if self.num_classes == 0:
+            raise ValueError("this model is a headless feature extractor (num_classes=0): it has no identity loss "
+                             "to train; call model.reset_classifier(num_classes) first")
+        self.check_inputs(images, pids, camids, masks, occlusion)
         text_keys = self.text_keys()
         patches = self.backbone.patch_tokens(images)  # [B, N, D], shared by the full and the masked view
         M = self.forward_encoder(images, camids, text_keys, patches=patches)
@@ -483,6 +517,7 @@ class AMFOR(nn.Module):
 
     def forward_eval(self, images: torch.Tensor, camids: torch.Tensor | None = None, global_only: bool = False
                      ) -> dict[str, torch.Tensor]:
+        self.check_inputs(images, camids=camids)
         M = self.forward_encoder(images, camids, self.text_keys())
         G = self.forward_global(M)
         part = self.forward_parts(M, G, teacher=False) if self.switches["parts"] and not global_only else None
@@ -501,14 +536,71 @@ class AMFOR(nn.Module):
         features = F.normalize(torch.cat([g[:, None], parts], dim=1), dim=-1)
         return {"features": features, "visibility": torch.cat([g.new_ones(B, 1), visible.to(g.dtype)], dim=1)}
 
-    def _check_batch(self, images, pids, masks, occlusion) -> None:
+    # -- as a timm model ---------------------------------------------------------------------------------------------
+    def forward_features(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
+        """The global branch's tokens G [B, 1 + N, D] (normalised; G[:, 0] is the global feature before the neck)."""
+        self.check_inputs(images, camids=camids)
+        return self.forward_global(self.forward_encoder(images, camids, self.text_keys()))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, camids: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """x: `forward_features`' tokens [B, 1 + N, D] -> the identity logits [B, C], or with `pre_logits` the
+        inference feature [B, D] (camera-centred when on, through the BNNeck's BN; not L2-normalised). A
+        headless model (num_classes=0) returns the feature either way. The camera means are read, not moved."""
+        g = x[:, 0]
+        if self.camera_centering is not None:
+            if camids is not None:
+                check_ids(camids, g.shape[0], "camids")
+                check_ranges(None, 0, camids, self.num_cameras)
+            g = self.camera_centering(g[:, None], camids, update=False, slots=slice(0, 1), check=False)[:, 0]
+        feat = self.global_neck.bn(g)
+        return feat if pre_logits else self.global_neck.classifier(feat)
+
+    def get_classifier(self) -> nn.Module:
+        return self.global_neck.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New identity classifiers (every BNNeck's; their BN kept) and identity prompts for `num_classes`
+        identities (0: headless). The text bank is emptied: stage 1 should run again for the new identities."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.num_classes = num_classes
+        for neck in (self.global_neck, getattr(self, "parts_neck", None), getattr(self, "foreground_neck", None),
+                     getattr(self, "granularity_necks", None), self.recon_neck):
+            if neck is not None:
+                neck.reset_classifier(num_classes)
+        if self.text is not None:
+            self.text.reset_identities(num_classes)
+
+    def set_train_cameras(self, cameras: Iterable[int]) -> None:
+        """Mark which camera ids training sees (the others, and unknown ones, get the seen cameras' mean SIE
+        vector at test time; docs/model.md, "Cameras"). No-op without cameras."""
+        if self.cameras_seen is None:
+            return
+        cams = sorted({int(c) for c in cameras})
+        if any(c < 0 or c >= self.num_cameras for c in cams):
+            raise ValueError(f"training cameras must lie in [0, {self.num_cameras}), got {cams}")
+        self.cameras_seen.zero_()
+        self.cameras_seen[cams] = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "cameras_seen"
+        if self.cameras_seen is not None and key not in state_dict:  # checkpoints from before `cameras_seen`
+            state_dict[key] = torch.ones_like(self.cameras_seen)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- input validation ------------------------------------------------------------------------------------------
+    def check_inputs(self, images: torch.Tensor, pids: torch.Tensor | None = None, camids: torch.Tensor | None = None,
+                     masks: torch.Tensor | None = None, occlusion: torch.Tensor | None = None) -> None:
+        """The model's entry check (amfor/models/inputs.py), before anything runs: images [B, 3, H, W] floating,
+        pids [B] in [0, num_classes), camids [B] in [-1, num_cameras) or None (ignored without cameras), masks [B, H, W]
+        with part labels in [-1, 1 + P) and occlusion [B, H, W]. Shapes first, then one host sync for the value
+        ranges."""
+        check_images(images, self.backbone.in_chans, self.input_size)
         B = images.shape[0]
-        check_pids(pids, B)
-        bad = out_of_range(pids, 0, self.num_classes)
-        if bad:
-            raise ValueError(f"pids must lie in [0, num_classes = {self.num_classes}), got values in "
-                             f"[{bad[0]}, {bad[1]}]")
-        H, W = self.input_size
-        for name, t in (("masks", masks), ("occlusion", occlusion)):
-            if t is not None and tuple(t.shape) != (B, H, W):
-                raise ValueError(f"{name} must be [B, H, W] = [{B}, {H}, {W}], got {list(t.shape)}")
+        if pids is not None:
+            check_ids(pids, B, "pids")
+        if camids is not None and self.num_cameras > 0:
+            check_ids(camids, B, "camids")
+        check_maps(B, self.input_size, masks=masks, occlusion=occlusion)
+        check_ranges(pids, self.num_classes, camids, self.num_cameras, masks, self.num_parts + 1)

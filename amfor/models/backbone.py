@@ -18,8 +18,8 @@ from timm.layers import LayerNorm, PatchEmbed, calculate_drop_path_rates, trunc_
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 
-from amfor.losses.identity import out_of_range
 from amfor.models import weights
+from amfor.models.inputs import check_ids, check_images, check_ranges, tracing  # noqa: F401
 from amfor.models.weights import (  # noqa: F401  (re-exported: the loading API used to live here)
     LoadReport,
     checkpoint_filter_fn,
@@ -33,8 +33,9 @@ class ReIDViT(nn.Module):
     """ViT with overlapping patches, camera embedding and a separate last block for the global branch.
 
     img_size: (H, W); patch_size p and stride s give the grid ny x nx = ((H - p)//s + 1, (W - p)//s + 1) of
-    N tokens; num_cameras > 0 adds SIE (sie_coef * sie_embed[camid] on all 1 + N tokens; sie_coef = 0 turns it
-    off: no sie_embed, camera ids ignored); drop_path_rate
+    N tokens; num_cameras > 0 adds SIE (sie_coef * sie_embed[camid] on all 1 + N tokens; camid -1 or camids=None:
+    an unknown camera, the cameras' mean embedding; sie_coef = 0 turns it off: no sie_embed, camera ids ignored);
+    drop_path_rate
     grows linearly over the `depth` blocks as in timm (last_block gets the last rate); drop_rate is the
     dropout after the position embedding and in the blocks' projections.
     """
@@ -92,28 +93,36 @@ class ReIDViT(nn.Module):
 
     def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Raw patch embedding: [B, in_chans, H, W] -> [B, N, D] (no position embedding)."""
-        if x.dim() != 4 or x.shape[1] != self.in_chans or tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"image must be [B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}] "
-                             f"(the model's img_size), got {list(x.shape)}")
+        check_images(x, self.in_chans, self.img_size)
         return self.patch_embed(x)
 
-    def camera_embedding(self, camids: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        """SIE term [B, 1, D] = sie_coef * sie_embed[camids] for camids [B] (integers); None without cameras.
+    def check_inputs(self, x: torch.Tensor, camids: torch.Tensor | None) -> None:
+        """The entry check of a standalone backbone: images [B, in_chans, H, W], camids [B] in [-1, num_cameras)
+        or None (see amfor/models/inputs.py); camids are ignored by a backbone without cameras."""
+        check_images(x, self.in_chans, self.img_size)
+        if self.sie_embed is not None and camids is not None:
+            check_ids(camids, x.shape[0], "camids")
+            check_ranges(None, 0, camids, self.num_cameras)
 
-        Camera ids are ignored when the model has no cameras (or sie_coef = 0), and required when it has some.
+    def camera_embedding(self, camids: torch.Tensor | None, batch: int,
+                         seen: torch.Tensor | None = None) -> torch.Tensor | None:
+        """SIE term [B, 1, D] = sie_coef * sie_embed[camids] for camids [B] (checked by the caller); None without
+        cameras (or with sie_coef = 0: camera ids are then ignored).
+
+        An unknown camera (camid -1, or every image when camids is None) and a camera that `seen` [num_cameras]
+        (bool, the cameras seen in training; None: all) marks unseen get the mean embedding of the seen cameras
+        (docs/model.md, "Cameras").
         """
         if self.sie_embed is None:
             return None
+        table = self.sie_embed  # [K, 1, D]
+        weight = table.new_ones(self.num_cameras) if seen is None else seen.to(table.dtype)
+        mean = (table * weight[:, None, None]).sum(0) / weight.sum().clamp(min=1)  # [1, D]
         if camids is None:
-            raise ValueError(f"camids are required: the model has num_cameras = {self.num_cameras}")
-        if not isinstance(camids, torch.Tensor) or camids.shape != (batch,) or camids.is_floating_point():
-            raise ValueError(f"camids must be an integer tensor of shape [{batch}] with values in "
-                             f"[0, {self.num_cameras}), got {camids!r:.80}")
-        if not tracing():  # a value check reads the tensor: not possible (nor needed) in an exported graph
-            bad = out_of_range(camids, 0, self.num_cameras)
-            if bad:
-                raise ValueError(f"camids must lie in [0, {self.num_cameras}), got values in [{bad[0]}, {bad[1]}]")
-        return self.sie_coef * self.sie_embed[camids.long()]
+            return self.sie_coef * mean.expand(batch, 1, -1)
+        cams = camids.long().clamp(min=0)
+        known = camids >= 0 if seen is None else (camids >= 0) & seen[cams]
+        return self.sie_coef * torch.where(known[:, None, None], table[cams], mean)
 
     def embed(self, x: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens x_0 [B, 1 + N, D] = cat(CLS, patches) + pos_embed (+ camera embedding), after pos_drop."""
@@ -126,6 +135,7 @@ class ReIDViT(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, camids: torch.Tensor | None = None) -> list[torch.Tensor]:
         """[x_0, x_1, ..., x_{depth-1}], each [B, 1 + N, D]: x_0 = embed(x), x_i after shared block i."""
+        self.check_inputs(x, camids)
         xs = [self.embed(x, camids)]
         for blk in self.blocks:
             xs.append(blk(xs[-1]))
@@ -134,6 +144,7 @@ class ReIDViT(nn.Module):
     def forward_features(self, x: torch.Tensor,
                          camids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, G), both [B, 1 + N, D]: M = x_{depth-1} (shared memory), G = norm(last_block(M)) (global branch)."""
+        self.check_inputs(x, camids)
         m = self.embed(x, camids)
         for blk in self.blocks:
             m = blk(m)
@@ -151,8 +162,3 @@ class ReIDViT(nn.Module):
         reported). A checkpoint sharing no weight with the backbone is an error either way.
         """
         return weights.load_pretrained(self, path, strict, old_grid)
-
-
-def tracing() -> bool:
-    """Whether the forward is being traced (torch.compile, torch.export, ONNX export, jit.trace)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()

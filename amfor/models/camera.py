@@ -8,9 +8,10 @@ removes that first-order bias.
 
 The means are running averages over training images (an EMA per camera, updated from each training batch
 without gradient), so evaluation is inductive: it needs the camera ids of the test images, not their features.
-Training subtracts the same (detached, just updated) means, so the losses see what inference sees. A camera the
-running means have never seen is left uncentred. Under torch.distributed the per-camera sums are all-reduced, so
-every rank holds the means one process with the global batch would.
+Training subtracts the same (detached, just updated) means, so the losses see what inference sees. An unknown
+camera (camid -1, or camids=None) and a camera the running means have never seen are centred with the mean of the
+seen cameras' means (docs/model.md, "Cameras"); they never move the means. Under torch.distributed the per-camera
+sums are all-reduced, so every rank holds the means one process with the global batch would.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amfor.losses.identity import out_of_range
-from amfor.models.backbone import tracing
+from amfor.models.inputs import check_ids, check_ranges
 
 
 class CameraCentering(nn.Module):
@@ -28,8 +28,9 @@ class CameraCentering(nn.Module):
 
     `update=False` reads the running means without moving them; `slots` (a slice) centres x [B, S', D] with those
     slots' means only (e.g. the global feature alone) and never updates them; `check=False` skips the range
-    check of camids (already checked in this step: it costs a host sync). momentum: EMA weight of each
-    batch's per-camera mean; a camera's first batch sets it.
+    check of camids (the model checks them once at its entry: it costs a host sync). camids -1 (or None: the
+    whole batch) is an unknown camera. momentum: EMA weight of each batch's per-camera mean; a camera's first
+    batch sets it.
     """
 
     def __init__(self, num_cameras: int, num_slots: int, dim: int, momentum: float = 0.1) -> None:
@@ -42,25 +43,33 @@ class CameraCentering(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_cameras, num_slots, dim))
         self.register_buffer("seen", torch.zeros(num_cameras, dtype=torch.bool))
 
-    def forward(self, x: torch.Tensor, camids: torch.Tensor, update: bool = True, slots: slice | None = None,
-                check: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, camids: torch.Tensor | None, update: bool = True,
+                slots: slice | None = None, check: bool = True) -> torch.Tensor:
         mean = self.running_mean if slots is None else self.running_mean[:, slots]
         if x.dim() != 3 or x.shape[1:] != mean.shape[1:]:
             raise ValueError(f"features must be [B, {mean.shape[1]}, {mean.shape[2]}], got {list(x.shape)}")
-        if camids is None or camids.shape != (x.shape[0],) or camids.is_floating_point():
-            raise ValueError(f"camera centring needs integer camids of shape [{x.shape[0]}], got "
-                             f"{getattr(camids, 'dtype', None)} {list(getattr(camids, 'shape', []))}")
-        bad = None if tracing() or not check else out_of_range(camids, 0, self.num_cameras)  # one host sync
-        if bad:
-            raise ValueError(f"camids must lie in [0, {self.num_cameras}), got values in [{bad[0]}, {bad[1]}]")
-        camids = camids.long()
-        if self.training and update and slots is None:
+        if camids is not None:
+            check_ids(camids, x.shape[0], "camids")
+            if check:
+                check_ranges(None, 0, camids, self.num_cameras)
+        if self.training and update and slots is None and camids is not None:
             self._update(x.detach(), camids)
-        return x - mean[camids].to(x.dtype)
+        return x - self.lookup(mean, camids, x.shape[0]).to(x.dtype)
+
+    def lookup(self, mean: torch.Tensor, camids: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """The means to subtract [B, S, D]: each seen camera's own, else (unknown or unseen) the seen ones' mean."""
+        seen = self.seen.to(mean.dtype)
+        pooled = (mean * seen[:, None, None]).sum(0) / seen.sum().clamp(min=1)  # [S, D]
+        if camids is None:
+            return pooled.expand(batch, -1, -1)
+        cams = camids.long().clamp(min=0)
+        own = (camids >= 0) & self.seen[cams]
+        return torch.where(own[:, None, None], mean[cams], pooled)
 
     @torch.no_grad()
     def _update(self, x: torch.Tensor, camids: torch.Tensor) -> None:
-        onehot = F.one_hot(camids, self.num_cameras).to(torch.float32)  # [B, C]
+        known = (camids >= 0).to(torch.float32)  # unknown cameras (-1) do not move the means
+        onehot = F.one_hot(camids.long().clamp(min=0), self.num_cameras).to(torch.float32) * known[:, None]  # [B, C]
         counts = onehot.sum(0)  # [C]
         with torch.autocast(x.device.type, enabled=False):  # autocast would sum (and all-reduce) in bf16/fp16
             sums = torch.einsum("bc,bsd->csd", onehot, x.float())

@@ -12,7 +12,8 @@ from torch import nn
 
 
 class BNNeck(nn.Module):
-    """dim -> BN -> Linear(num_classes, bias=False) (init std 0.001). forward: [B, dim] -> (bn_feat, logits)."""
+    """dim -> BN -> Linear(num_classes, bias=False) (init std 0.001; nn.Identity for num_classes = 0, as timm's
+    heads). forward: [B, dim] -> (bn_feat, logits)."""
 
     def __init__(self, dim: int, num_classes: int) -> None:
         super().__init__()
@@ -20,7 +21,14 @@ class BNNeck(nn.Module):
         self.bn.bias.requires_grad_(False)
         nn.init.ones_(self.bn.weight)
         nn.init.zeros_(self.bn.bias)
-        self.classifier = nn.Linear(dim, num_classes, bias=False)
+        self.reset_classifier(num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new classifier for `num_classes` identities (the BN is kept), on the BN's device."""
+        if num_classes == 0:
+            self.classifier = nn.Identity()
+            return
+        self.classifier = nn.Linear(self.bn.num_features, num_classes, bias=False, device=self.bn.weight.device)
         nn.init.normal_(self.classifier.weight, std=0.001)
 
     def forward(self, x: torch.Tensor, track: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,8 +55,13 @@ class PartNecks(nn.Module):
         super().__init__()
         self.bn = nn.BatchNorm1d(num_parts * dim)
         self.bn.bias.requires_grad_(False)
-        self.weight = nn.Parameter(torch.randn(num_parts, num_classes, dim) * 0.001)
         self.num_parts, self.dim = num_parts, dim
+        self.reset_classifier(num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New classifiers [P, num_classes, dim] (0: none, the logits are [P, B, 0]), on the BN's device."""
+        device = self.bn.weight.device
+        self.weight = nn.Parameter(torch.randn(self.num_parts, num_classes, self.dim, device=device) * 0.001)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, P, D = x.shape

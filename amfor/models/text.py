@@ -174,11 +174,23 @@ class TextBranch(nn.Module):
         if clip_weights:
             self.encoder.load_clip(clip_weights)
         self.encoder.requires_grad_(False)
-        self.prompts = PromptLearner(self.encoder, num_classes)
-        self.text_to_visual = nn.Linear(output_dim, visual_dim)
-        self.register_buffer("bank", torch.zeros(num_classes, output_dim))
         self.register_buffer("bank_ready", torch.zeros((), dtype=torch.bool))  # saved with the bank
+        self._identities(num_classes)
+        self.text_to_visual = nn.Linear(output_dim, visual_dim)
+
+    def _identities(self, num_classes: int) -> None:
+        """Prompts for `num_classes` identities and an empty bank [num_classes, output_dim] (not ready)."""
+        device = self.bank_ready.device
+        self.prompts = PromptLearner(self.encoder, num_classes).to(device)
+        self.register_buffer("bank", torch.zeros(num_classes, self.encoder.output_dim, device=device))
+        self.bank_ready.fill_(False)
         self.ready = False  # the same as a Python bool, so forward never branches on a tensor (export, compile)
+
+    def reset_identities(self, num_classes: int) -> None:
+        """Fresh prompts for `num_classes` identities and an empty bank, `text_to_visual` trainable again: stage 1
+        is to run again. 0 identities: no prompt and an empty bank (a headless model reads no text)."""
+        self._identities(num_classes)
+        self.text_to_visual.requires_grad_(True)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -198,7 +210,8 @@ class TextBranch(nn.Module):
         """Fill the frozen bank with every identity's text feature (after stage 1)."""
         C = self.prompts.num_classes
         pids = torch.arange(C, device=self.bank.device)
-        self.bank.copy_(torch.cat([self.text_features(pids[s:s + chunk]) for s in range(0, C, chunk)]))
+        if C > 0:  # no identity (a headless model): an empty bank
+            self.bank.copy_(torch.cat([self.text_features(pids[s:s + chunk]) for s in range(0, C, chunk)]))
         self.bank_ready.fill_(True)
         self.ready = True
 

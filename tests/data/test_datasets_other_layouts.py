@@ -76,3 +76,17 @@ def test_custom_market_and_pid_folder_layouts(tmp_path, fake):
     assert {r.camid for r in data.gallery} == {5} and {r.camid for r in data.query} == {0}
     with pytest.raises(FileNotFoundError, match="pid"):
         build_dataset("custom", str(tmp_path / "missing"))
+
+
+def test_the_camera_count_covers_every_split(tmp_path, fake):
+    """num_cameras spans the camera ids of every split (a test-only camera is in range), train_cameras are the
+    ones training sees: pid folders give train 0, query 0, gallery 1."""
+    for split, pids in {"train": [3, 4], "query": [10], "gallery": [10, 11]}.items():
+        for pid in pids:
+            fake.touch(tmp_path / "b" / split / str(pid) / "img1.png")
+    data = build_dataset("custom", str(tmp_path / "b"))
+    assert (data.num_cameras, data.train_cameras, data.num_train_cams) == (2, {0}, 1)
+    fake.make_three_folders(tmp_path / "a", {"bounding_box_train": [(4, 1), (2, 2)], "query": [(8, 1)],
+                                             "bounding_box_test": [(8, 9)]})
+    data = build_dataset("custom", str(tmp_path / "a"))
+    assert (data.num_cameras, data.train_cameras) == (9, {0, 1})

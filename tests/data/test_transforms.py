@@ -101,3 +101,54 @@ def test_unreadable_image_named_or_skipped(tmp_path):
         ReIDImageDataset(recs)[0]
     with pytest.warns(UserWarning, match="unreadable"):
         assert ReIDImageDataset(recs, on_bad_image="skip")[0]["path"] == str(good)
+
+
+class MeanPixel(torch.nn.Module):
+    """A model whose features are the images' mean pixel per channel, with a timm-style `pretrained_cfg`."""
+
+    input_size = (16, 8)
+    pretrained_cfg = {"input_size": (3, 16, 8), "mean": (0.2, 0.4, 0.6), "std": (0.1, 0.2, 0.3),
+                      "interpolation": "nearest"}
+
+    def forward(self, images, camids=None, global_only=False):
+        return {"features": images.mean((2, 3))}
+
+
+def flat_images(tmp_path, colours):
+    from amfor.data import ImageRecord
+
+    records = []
+    for k, colour in enumerate(colours):
+        path = tmp_path / f"{k:04d}_c1s1_{k:06d}_00.png"
+        Image.new("RGB", (5, 11), colour).save(path)
+        records.append(ImageRecord(str(path), k, -1))  # camera unknown
+    return records
+
+
+def test_loaders_and_extraction_normalise_as_the_models_pretrained_cfg_says(tmp_path):
+    """Size, mean, std and interpolation come from the model's `pretrained_cfg`, in the loaders and in feature
+    extraction; a model without one gets the ReID defaults (mean = std = 0.5) at its input size."""
+    from amfor.data import resolve_data_config
+    from amfor.engine.evaluation import extract
+
+    colours = [(255, 0, 51), (102, 204, 0)]
+    records = flat_images(tmp_path, colours)
+    cfg = resolve_data_config(MeanPixel())
+    assert cfg == {"size": (16, 8), "mean": (0.2, 0.4, 0.6), "std": (0.1, 0.2, 0.3), "interpolation": "nearest"}
+    expected = (torch.tensor(colours, dtype=torch.float32) / 255 - torch.tensor(cfg["mean"])) / torch.tensor(cfg["std"])
+    batch = next(iter(build_test_loader(records, batch_size=2, num_workers=0, **cfg)))
+    assert batch["img"].shape == (2, 3, 16, 8)
+    torch.testing.assert_close(batch["img"].mean((2, 3)), expected)
+    train = next(iter(build_train_loader(records, batch_size=2, num_instances=1, num_workers=0, flip=0.0, pad=0,
+                                         erasing=0.0, **cfg)))
+    torch.testing.assert_close(train["img"].mean((2, 3)).sort(0).values, expected.sort(0).values)
+    feats = extract(MeanPixel(), records, torch.device("cpu"), (16, 8), 2, 0, global_only=True)["features"]
+    torch.testing.assert_close(feats, expected)
+
+    class Plain(MeanPixel):
+        pretrained_cfg = None
+
+    assert resolve_data_config(Plain()) == {"size": (16, 8), "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                                            "interpolation": "bilinear"}
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        resolve_data_config(type("Odd", (MeanPixel,), {"pretrained_cfg": {"interpolation": "lanczos9"}})())

@@ -220,13 +220,23 @@ def test_eval_without_parts_gives_the_global_feature(batch, small):
     assert out["features"].shape == (4, 1, small.config["embed_dim"]) and bool((out["visibility"] == 1).all())
 
 
-def test_text_bank_is_required_and_frozen_into_the_model(small):
+def test_a_fresh_model_runs_with_one_warning_and_stage1_freezes_the_bank(small):
+    """Without stage 1 the bank is built from the current prompts (one warning, then none); finish_stage1
+    rebuilds it from the trained prompts and freezes it into the model's state."""
+    import warnings
+
     from amfor.models import AMFOR
 
     model = AMFOR(small.num_classes, small.num_cameras, **small.config)
     b = small.batch(small.config["img_size"])
-    with pytest.raises(RuntimeError, match="finish_stage1"):
-        model.train()(b["img"], b["pid"], b["camid"])
+    with pytest.warns(UserWarning, match="text bank is empty.*finish_stage1") as caught:
+        out = model.train()(b["img"], b["pid"], b["camid"])
+    assert len([w for w in caught if "text bank" in str(w.message)]) == 1 and torch.isfinite(out["loss"])
+    torch.testing.assert_close(model.text.bank, model.text.text_features(torch.arange(small.num_classes)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second forward, in eval, warns no more
+        assert model.eval()(b["img"], b["camid"])["features"].shape == (4, 9, small.config["embed_dim"])
+    model = AMFOR(small.num_classes, small.num_cameras, **small.config)
     feats = torch.randn(4, small.config["embed_dim"])
     stage1 = model.stage1_loss(feats, b["pid"])
     stage1["loss"].backward()
@@ -269,15 +279,64 @@ def test_stage1_losses_fall_when_the_prompts_learn(small):
 
 @pytest.mark.parametrize("bad, match", [
     (dict(img=torch.randn(4, 3, 32, 32)), r"image must be \[B, 3, 64, 32\]"),
+    (dict(img=torch.zeros(4, 3, 64, 32, dtype=torch.uint8)), r"images must be floating point"),
     (dict(camid=torch.tensor([0, 1, 2, 3])), r"camids must lie in \[0, 3\)"),
+    (dict(camid=torch.tensor([0, 1, 2, -2])), r"camids must lie in \[0, 3\).*-1 for an unknown camera"),
+    (dict(camid=torch.tensor([0.0, 1.0, 2.0, 0.0])), r"camids must be an integer tensor of shape \[4\]"),
     (dict(pid=torch.tensor([0, 0, 1, 6])), r"pids must lie in \[0, num_classes = 6\)"),
+    (dict(pid=torch.tensor([0, 0, 1])), r"pids must be an integer tensor of shape \[4\]"),
     (dict(mask=torch.zeros(4, 32, 32, dtype=torch.long)), r"masks must be \[B, H, W\]"),
 ])
-def test_bad_input_gets_a_clear_error(bad, match, small):
-    model = small.model().train()
+@pytest.mark.parametrize("stage1", [True, False])
+def test_bad_input_gets_a_clear_error_before_anything_runs(bad, match, stage1, small, monkeypatch):
+    """The input is checked first: a fresh model (no text bank yet) reports the bad input, not the bank, and
+    nothing has run (no warning, no camera mean or BN statistic moved)."""
+    from amfor.models import AMFOR
+
+    model = small.model(camera_centering=True) if stage1 else AMFOR(small.num_classes, small.num_cameras,
+                                                                      **small.config, camera_centering=True)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     b = {**small.batch(small.config["img_size"]), **bad}
-    with pytest.raises(ValueError, match=match):
-        model(b["img"], b["pid"], b["camid"], b["mask"], b["occlusion"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=match):
+            model(b["img"], b["pid"], b["camid"], b["mask"], b["occlusion"])
+        if "pid" not in bad and "mask" not in bad:
+            with pytest.raises(ValueError, match=match):
+                model.eval()(b["img"], b["camid"])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_ranges_are_checked_once_per_forward_with_one_host_sync(small, batch, monkeypatch):
+    """pids and camids are checked together at the model's entry; the backbone and the camera centring called
+    inside do not check again; the check reads the device once (one bool of a tensor)."""
+    import amfor.models.amfor as amfor_module
+    import amfor.models.backbone as backbone_module
+    import amfor.models.camera as camera_module
+    import amfor.models.inputs as inputs
+
+    calls = []
+    real = inputs.check_ranges
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    for module in (amfor_module, backbone_module, camera_module):
+        monkeypatch.setattr(module, "check_ranges", spy)
+    model = small.model(camera_centering=True)
+    train_step(model, batch)
+    assert len(calls) == 1
+    model.eval()(batch["img"], batch["camid"])
+    assert len(calls) == 2
+    reads = []
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real_bool(t))
+    model.check_inputs(batch["img"], batch["pid"], batch["camid"], batch["mask"], batch["occlusion"])
+    assert len(reads) == 1
 
 
 def test_a_non_checkpoint_file_is_named(tmp_path):

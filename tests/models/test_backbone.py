@@ -87,13 +87,11 @@ def test_camera_id_errors():
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         model.forward_features(x, torch.tensor([0, 4]))
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
-        model.forward_features(x, torch.tensor([-1, 0]))
+        model.forward_features(x, torch.tensor([-2, 0]))  # -1 is an unknown camera, not an error
     with pytest.raises(ValueError, match=r"shape \[2\]"):
         model.forward_features(x, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="integer"):
         model.forward_features(x, torch.tensor([0.0, 1.0]))
-    with pytest.raises(ValueError, match="required"):
-        model.forward_features(x)
     plain = ReIDViT(img_size=(128, 64), **TINY).eval()
     assert plain.sie_embed is None and plain.camera_embedding(torch.tensor([9, 9]), 2) is None
     torch.testing.assert_close(plain.forward_features(x, torch.tensor([7, 99]))[1], plain.forward_features(x)[1])
@@ -102,6 +100,23 @@ def test_camera_id_errors():
     torch.testing.assert_close(off.forward_features(x, torch.tensor([0, 3]))[1], off.forward_features(x)[1])
     with pytest.raises(ValueError, match="sie_coef"):
         ReIDViT(img_size=(128, 64), num_cameras=4, sie_coef=-1.0, **TINY)
+
+
+def test_an_unknown_camera_gets_the_mean_embedding_of_the_seen_cameras():
+    """camids None (all) or -1 (one image): the mean SIE vector, over every camera or the `seen` ones."""
+    torch.manual_seed(0)
+    model = ReIDViT(img_size=(128, 64), num_cameras=3, sie_coef=2.0, **TINY).eval()
+    table = model.sie_embed
+    torch.testing.assert_close(model.camera_embedding(None, 2), 2.0 * table.mean(0).expand(2, 1, -1))
+    sie = model.camera_embedding(torch.tensor([1, -1]), 2)
+    torch.testing.assert_close(sie[0], 2.0 * table[1])
+    torch.testing.assert_close(sie[1], 2.0 * table.mean(0))
+    seen = torch.tensor([True, False, True])
+    sie = model.camera_embedding(torch.tensor([0, 1, -1]), 3, seen)
+    torch.testing.assert_close(sie[0], 2.0 * table[0])
+    torch.testing.assert_close(sie[1:], 2.0 * ((table[0] + table[2]) / 2).expand(2, 1, -1))  # unseen = unknown
+    x = torch.randn(2, 3, 128, 64)
+    torch.testing.assert_close(model(x), model(x, torch.tensor([-1, -1])))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 256, 128), (2, 1, 128, 64), (3, 128, 64), (2, 3, 128, 65)])

@@ -63,11 +63,30 @@ def test_errors():
     with pytest.raises(ValueError, match=r"\[B, 2, 4\]"):
         cc(torch.randn(3, 1, 4), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="camids"):
-        cc(torch.randn(3, 2, 4), None)
-    with pytest.raises(ValueError, match="camids"):
         cc(torch.randn(3, 2, 4), torch.zeros(3))
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         cc(torch.randn(3, 2, 4), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        cc(torch.randn(3, 2, 4), torch.tensor([0, 1, -2]))
+
+
+def test_an_unknown_or_unseen_camera_gets_the_seen_cameras_mean_and_moves_nothing():
+    """camid -1 (or camids=None) and a camera training never saw are centred with the mean of the seen cameras'
+    means; an unknown camera in a training batch leaves the means alone."""
+    cc = CameraCentering(4, 2, 3).train()
+    x = torch.randn(5, 2, 3)
+    cc(x, torch.tensor([0, 0, 2, -1, 2]))
+    assert cc.seen.tolist() == [True, False, True, False]
+    torch.testing.assert_close(cc.running_mean[0], x[:2].mean(0))
+    torch.testing.assert_close(cc.running_mean[2], x[[2, 4]].mean(0))  # the unknown row moved nothing
+    pooled = (cc.running_mean[0] + cc.running_mean[2]) / 2
+    cc.eval()
+    y = torch.randn(4, 2, 3)
+    out = cc(y, torch.tensor([-1, 1, 3, 2]))
+    torch.testing.assert_close(out[:3], y[:3] - pooled)
+    torch.testing.assert_close(out[3], y[3] - cc.running_mean[2])
+    torch.testing.assert_close(cc(y, None), y - pooled)
+    torch.testing.assert_close(cc(y[:, :1], None, slots=slice(0, 1)), y[:, :1] - pooled[:1])
 
 
 def test_the_model_centres_its_eval_features_by_camera(small, batch):

@@ -31,7 +31,9 @@ def custom(root: str, *, layout: str = "auto", camids: dict[str, int] | None = N
     layout "market": `bounding_box_train`, `query`, `bounding_box_test` with `<pid>_c<cam>...` names
     (optionally checked against `num_cams`); layout "pid_folders": `train|query|gallery/<pid>/<image>`,
     the camera of each split from `camids` (default train 0, query 0, gallery 1 so that query and
-    gallery never share a camera). "auto" picks whichever exists.
+    gallery never share a camera; -1: unknown). "auto" picks whichever exists. A training run builds the model
+    with the cameras of every split (`ReIDData.num_cameras`: 2 by default here); the gallery's camera, never
+    seen in training, then gets the seen cameras' mean offsets (docs/model.md, "Cameras").
     """
     rootp = Path(root).expanduser()
     layout = _detect_layout(rootp) if layout == "auto" else layout
