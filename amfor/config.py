@@ -3,7 +3,7 @@
 The dataclass defaults are the embedded default run (`python -m amfor.train` with no arguments: the
 synthetic occluded dataset, the tiny model, both stages on the CPU in a 10-minute budget);
 the shipped configs (package data in amfor/configs/) are found by name: `synthetic` writes the same values out,
-`market1501`, `occluded_duke`, ... hold the paper's recipe (SPEC-AMFOR section 7). Precedence: defaults < YAML
+`market1501`, `occluded_duke`, ... hold the paper's recipe (docs/spec.md section 7). Precedence: defaults < YAML
 file < `--set` overrides. Unknown keys are rejected naming the closest valid key; values are type-checked; YAML
 is read with `yaml.safe_load`.
 """
@@ -79,7 +79,7 @@ class TrainConfig:
     epochs: int = 120
     max_steps: int = 0                  # stage-2 steps; 0 = epochs x steps per epoch (set by max_minutes when used)
     max_minutes: float = 9.0            # wall-clock budget of the whole run, 0 = none: fixes max_steps once, logged
-    optimizer: str = "adamw"            # adamw (the demo: a backbone trained from scratch) | sgd (SPEC-AMFOR 7)
+    optimizer: str = "adamw"            # adamw (the demo: a backbone trained from scratch) | sgd (the paper)
     lr: float = 0.001
     momentum: float = 0.9               # sgd only
     weight_decay: float = 0.05

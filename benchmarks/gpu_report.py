@@ -13,7 +13,7 @@ machine (no network, maybe no pytest-benchmark, about 15 minutes for everything)
   3. `train_tiny`: `python3 -m amfor.train` on the GPU, the tiny model with every component on, 50 bf16 steps;
   4. `train_base`: the same for a few steps of the base model (ViT-B/16 at 256x128, the text tower);
   5. `bench`: the headline benchmarks (one size per op, AMFOR_BENCH_QUICK=1) without the torch.compile providers,
-     whose cold compile would take most of the budget; then the device's ceilings and the DESIGN.md targets;
+     whose cold compile would take most of the budget; then the device's ceilings and the docs/design.md targets;
   6. `rest`, with whatever time is left: every benchmark (compiled providers included), then the other tests.
 - `--quick`: the budgets of QUICK_BUDGETS, whose sum with the start-up and a reserve fits QUICK_TOTAL_S (< 7
   minutes, checked at import); `rest` gets what the other phases leave. Without --quick: FULL_BUDGETS.
@@ -313,7 +313,7 @@ def phase_rest(ctx: Context, budget: float) -> dict:
     left = budget - (time.monotonic() - start)
     if left >= MIN_PHASE_S:
         args = ["tests", "-k", "not (cuda or gpu)", "--ignore=tests/test_gpu_check.py"]  # not this script again
-        args += ["-m", "not slow"] if ctx.quick else []
+        args += ["-m", "not slow" if ctx.quick else "slow or not slow"]  # pytest's default is the fast tier
         parts["tests"] = run_pytest(args, left, ctx.workdir / "rest-tests.log")
     states = [p["state"] for p in parts.values()]
     state = ("timed out" if "timed out" in states else "failed" if "failed" in states
@@ -396,7 +396,7 @@ def markdown(report: dict) -> str:
     lines += _ceiling_lines(phases.get("bench", {}).get("ceilings"))
     if report.get("targets"):
         mark = {True: "met", False: "NOT met", None: "not judged"}
-        lines += ["", "## Targets (DESIGN.md)", "", "| target | verdict | on |", "|---|---|---|"]
+        lines += ["", "## Targets (docs/design.md)", "", "| target | verdict | on |", "|---|---|---|"]
         lines += [f"| {t['target']} | {mark[t['met']]} | {t['detail']} |" for t in report["targets"]]
     by_file: dict[str, list[dict]] = {}
     for row in report.get("benchmarks", []):

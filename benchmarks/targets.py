@@ -1,4 +1,4 @@
-"""The device's ceilings, each benchmark figure as a ratio to its peers, and which DESIGN.md targets are met.
+"""The device's ceilings, each benchmark figure as a ratio to its peers, and which docs/design.md targets are met.
 
 Used by `benchmarks.gpu_report` on the rows `benchmarks/conftest.py` writes (one dict per benchmark: name, file,
 extra_info, median_ms):
@@ -6,7 +6,7 @@ extra_info, median_ms):
   measured in the same run as the benchmarks, so every fraction below compares like with like;
 - `with_ratios(rows)`: every row gains `x_vs_<peer>` = the peer's median / this row's median for each other provider
   of the same problem (same op, mode, sizes, dtype), so "2.0" reads "twice as fast as the peer";
-- `verdicts(rows, device)`: one line per target of DESIGN.md ("Targets"), met / not met / not measured, with the
+- `verdicts(rows, device)`: one line per target of docs/design.md ("Targets"), met / not met / not measured, with the
   figure it was judged on. The targets are for an H100-class GPU; on the CPU only the evaluation target applies.
 """
 
@@ -98,7 +98,7 @@ def _gradient_bytes(row: dict) -> float | None:
 
 
 def verdicts(rows: list[dict], device: str) -> list[dict]:
-    """DESIGN.md's targets judged on `rows` (which should have passed through `with_ratios`)."""
+    """docs/design.md's targets judged on `rows` (which should have passed through `with_ratios`)."""
     if device != "cuda":
         evals = [(r["name"], r["median_ms"] / 1e3) for r in rows if op_of(r) == "evaluate_features_market"
                  and isinstance(r.get("median_ms"), int | float)]

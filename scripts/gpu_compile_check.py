@@ -5,7 +5,7 @@
 
 Triton: the launchers of amfor.kernels run on CPU tensors with every Triton launch intercepted; each
 interception yields the launcher's real signature, constexprs, attributes and options (the binder Triton
-itself uses), for the shapes of DESIGN.md and the models (ViT-B and the tiny variant; float32, float16,
+itself uses), for the shapes of docs/design.md and the models (ViT-B and the tiny variant; float32, float16,
 bfloat16, float64). Each distinct configuration is compiled ahead of time for each target with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, through Triton's bundled ptxas, whose
 `-v` log gives registers and spills; shared memory is the compiled kernel's. A compile error, or shared
@@ -81,7 +81,7 @@ def _install_capture() -> None:
 
 
 def _launcher_cases():
-    """(case name, thunk) for every launcher call the ops make at the shapes of DESIGN.md and the models."""
+    """(case name, thunk) for every launcher call the ops make at the shapes of docs/design.md and the models."""
     import torch
     from amfor.kernels import distill_loss, masked_patches, query_fusion
 

@@ -1,7 +1,7 @@
 """The part schema shared by the data (masks), the model's part heads and the evaluation (flip averaging).
 
 Part ids are image-space: "left" is the image's left half of the body, so a horizontal flip swaps the pairs
-2<->3, 5<->6 and 7<->8. Label 0 is background; 1..8 are the P = 8 body parts of SPEC-AMFOR section 4.
+2<->3, 5<->6 and 7<->8. Label 0 is background; 1..8 are the P = 8 body parts of docs/spec.md section 4.
 """
 
 from __future__ import annotations

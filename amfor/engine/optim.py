@@ -1,4 +1,4 @@
-"""Optimisers and the learning-rate schedule of SPEC-AMFOR section 7.
+"""Optimisers and the learning-rate schedule of docs/spec.md section 7.
 
 Stage 1: Adam over `model.stage1_parameters()`. Stage 2: SGD with momentum over every other trainable
 parameter, in up to four groups: biases get `bias_lr_factor` x the learning rate, and the names in
@@ -45,7 +45,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr_facto
 
 
 def build_stage2_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    """`cfg.optimizer` "sgd" (momentum, weight decay: SPEC-AMFOR section 7, for a pretrained backbone) or "adamw"
+    """`cfg.optimizer` "sgd" (momentum, weight decay: docs/spec.md section 7, for a pretrained backbone) or "adamw"
     (decoupled weight decay: for a backbone trained from scratch, as the synthetic demo's), with the bias /
     no-weight-decay groups; stage-1 parameters excluded."""
     exclude = list(model.stage1_parameters()) if getattr(model, "has_text", False) else []

@@ -1,4 +1,4 @@
-"""Losses of AMFOR (SPEC-AMFOR.md section 6): identity, triplet, focal, parsing, diversity, reconstruction, AMGD."""
+"""Losses of AMFOR (docs/spec.md section 6): identity, triplet, focal, parsing, diversity, reconstruction, AMGD."""
 
 from amfor.losses.amgd import AMGDLoss, AMGDOutput
 from amfor.losses.diversity import DiversityLoss, diversity_loss

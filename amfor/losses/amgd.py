@@ -1,4 +1,4 @@
-"""AMGDLoss: adaptive multi-granularity distillation (SPEC-AMFOR.md section 6), usable by any teacher-student model.
+"""AMGDLoss: adaptive multi-granularity distillation (docs/spec.md section 6), usable by any teacher-student model.
 
 Two terms over G granularities (for AMFOR: the global feature, each part, the foreground feature):
 

@@ -1,4 +1,4 @@
-"""Part diversity loss (SPEC-AMFOR.md section 6): different parts of one image should not point the same way.
+"""Part diversity loss (docs/spec.md section 6): different parts of one image should not point the same way.
 
 loss = mean over images and over ordered part pairs (i != j), excluded pairs left out, of ReLU(cos(f_i, f_j)):
 only positive similarity is penalised. Pairs that are expected to look alike (left / right limbs) can be

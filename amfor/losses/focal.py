@@ -1,4 +1,4 @@
-"""Binary focal loss on logits (SPEC-AMFOR.md section 6: the part visibility head).
+"""Binary focal loss on logits (docs/spec.md section 6: the part visibility head).
 
 FL = alpha_t (1 - p_t)^gamma BCE(logit, target), with p_t the probability of the true label. p_t is taken as
 exp(-BCE) (exact for targets in {0, 1}) and 1 - p_t as -expm1(-BCE), so that the loss is as stable as

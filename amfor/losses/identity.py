@@ -1,4 +1,4 @@
-"""Identity (ID) loss: cross-entropy of classifier logits against the identity labels (SPEC-AMFOR.md section 6)."""
+"""Identity (ID) loss: cross-entropy of classifier logits against the identity labels (docs/spec.md section 6)."""
 
 from __future__ import annotations
 

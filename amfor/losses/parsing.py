@@ -1,4 +1,4 @@
-"""Parsing supervision of the pixel-to-part classifier (SPEC-AMFOR.md section 4).
+"""Parsing supervision of the pixel-to-part classifier (docs/spec.md section 4).
 
 `mask_to_tokens` turns a human-parsing mask into one part label per ViT token (the label covering most of the
 token's p x p receptive field, on the same ny x nx grid as the overlapping patch embedding), and

@@ -1,4 +1,4 @@
-"""Reconstruction losses of the HPR-Decoder (SPEC-AMFOR.md section 5).
+"""Reconstruction losses of the HPR-Decoder (docs/spec.md section 5).
 
 Patch level (MAE-style): `patchify` cuts images into the ViT's (possibly overlapping) p x p patches, and
 `patch_reconstruction_loss` is the MSE between predicted and per-patch normalised target pixels, averaged

@@ -1,4 +1,4 @@
-"""Batch-hard triplet losses on global features and on parts (SPEC-AMFOR.md section 6).
+"""Batch-hard triplet losses on global features and on parts (docs/spec.md section 6).
 
 For each anchor the hardest positive (farthest same-identity sample, the anchor itself excluded) and the
 hardest negative (closest other-identity sample) are mined from the batch; the loss per anchor is the soft

@@ -1,4 +1,4 @@
-"""The AMFOR model (SPEC-AMFOR.md): backbone + AMFF-Encoder, part branch with teacher-student decoder, HPR-Decoder,
+"""The AMFOR model (docs/spec.md): backbone + AMFF-Encoder, part branch with teacher-student decoder, HPR-Decoder,
 BNNeck heads and the loss dict. One method per stage, as MAE: `forward_encoder`, `forward_global`,
 `forward_parts`, `forward_masked_view`, `forward_losses`; `forward` dispatches on the mode.
 
@@ -52,7 +52,7 @@ from amfor.models.text import TextBranch, contrastive_losses
 from amfor.nn import MAEDecoder
 from amfor.ops import masked_gather
 
-LOSS_WEIGHTS = {  # SPEC-AMFOR section 6: every term weighted 1.0
+LOSS_WEIGHTS = {  # docs/spec.md section 6: every term weighted 1.0
     # i2t: CLIP-ReID's stage-2 image-to-text cross-entropy against the frozen bank. Not in the spec's loss list and
     # off by default: on the validation split it cost 17 points of mAP (docs/model.md, "Text branch").
     "id": 1.0, "triplet": 1.0, "i2t": 0.0,

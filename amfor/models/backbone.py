@@ -1,4 +1,4 @@
-"""TransReID-style ViT backbone of AMFOR (SPEC-AMFOR.md section 1), made of timm's parts, and its weight loading.
+"""TransReID-style ViT backbone of AMFOR (docs/spec.md section 1), made of timm's parts, and its weight loading.
 
 Overlapping patch embedding (a timm `PatchEmbed` whose conv has stride s <= p), a learned position embedding
 on the ny x nx grid (ny = (H - p) // s + 1), side information embedding (one learned vector per camera, scaled

@@ -1,4 +1,4 @@
-"""AMFF-Encoder: adaptive multi-granularity feature fusion (SPEC-AMFOR section 3), on amfor.nn.QueryFusion.
+"""AMFF-Encoder: adaptive multi-granularity feature fusion (docs/spec.md section 3), on amfor.nn.QueryFusion.
 
 At fusion point k (after backbone block k, layers x_0 .. x_k, L = k + 1):
 1. learnable queries E_k [L, D];

@@ -1,4 +1,4 @@
-"""BNNeck heads (SPEC-AMFOR section 6): BatchNorm with a frozen zero bias, then a bias-free classifier.
+"""BNNeck heads (docs/spec.md section 6): BatchNorm with a frozen zero bias, then a bias-free classifier.
 
 The triplet loss reads the feature before the BN, the identity loss the logits after it, and inference the
 BN output (L2-normalised): the BNNeck of "Bag of Tricks" (Luo et al.) as TransReID and TSD use it.

@@ -1,4 +1,4 @@
-"""Parts (SPEC-AMFOR section 4, after TSD): pixel-to-part classifier, weighted pooling, visibility head, and the
+"""Parts (docs/spec.md section 4, after TSD): pixel-to-part classifier, weighted pooling, visibility head, and the
 part decoder run as student (no attention mask) and as teacher (attention restricted by sampled part masks).
 
 Part decoder queries: [CLS of the memory M (detached), background, P parts] = P + 2 queries, shared learned

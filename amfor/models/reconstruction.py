@@ -1,4 +1,4 @@
-"""HPR-Decoder: human part reconstruction (SPEC-AMFOR section 5), at patch level and at part level.
+"""HPR-Decoder: human part reconstruction (docs/spec.md section 5), at patch level and at part level.
 
 Patch level (masked image modelling on an extra masked view): `choose_masked_patches` drops the patches an
 augmentation occluder covered, topped up at random to the mask ratio (amfor.ops.random_masking on occlusion

@@ -3,7 +3,7 @@
 Each variant's `pretrained_cfg` (timm's dict: input size, mean, std, interpolation, ...) is defined here, once, and
 set on the model; the data transforms, extraction and export read it from there (`amfor.data.resolve_data_config`).
 
-Variants (SPEC-AMFOR "Shapes"; parameter counts in docs/model.md):
+Variants (docs/spec.md "Shapes"; parameter counts in docs/model.md):
 - `amfor_vit_base_patch16`: the paper's configuration: ViT-B/16 at 256x128 (stride 16; `stride=11` for the
   Occluded-Duke setting), six fusion points, the CLIP ViT-B/16 text tower's shape.
 - `amfor_vit_small_patch16`: ViT-S/16 (width 384, 12 blocks, 6 heads) with a 6-layer, width-256 text tower.

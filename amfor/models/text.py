@@ -1,4 +1,4 @@
-"""Text branch (SPEC-AMFOR section 2): open_clip's text tower, the CLIP-ReID prompt learner, the frozen text bank.
+"""Text branch (docs/spec.md section 2): open_clip's text tower, the CLIP-ReID prompt learner, the frozen text bank.
 
 The prompt is "A photo of a X X X X person." where the four X token embeddings are learned per identity. The text
 tower is open_clip's `TextTransformer` (built from a config; weights from a local CLIP file when given, read by

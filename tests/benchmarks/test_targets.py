@@ -1,4 +1,4 @@
-"""benchmarks/targets.py: peer ratios per problem, the DESIGN.md verdicts on hand-made rows, the CPU ceilings."""
+"""benchmarks/targets.py: peer ratios per problem, the docs/design.md verdicts on hand-made rows, the CPU ceilings."""
 
 from __future__ import annotations
 
