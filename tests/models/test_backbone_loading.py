@@ -24,6 +24,7 @@ from amfor.models.weights import (
     infer_grid,
     load_state_dict_file,
 )
+from tests.models.checkpoint_files import save_torchscript
 
 
 @pytest.fixture(scope="module")
@@ -244,23 +245,6 @@ def tiny_clip(quick_gelu: bool, seed: int = 0) -> CLIP:
                           quick_gelu=quick_gelu), seed)
 
 
-class _Holder(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def save_torchscript(state: dict[str, torch.Tensor], path) -> None:
-    """The tensors as a TorchScript archive (a scripted module saved with torch.jit.save), as OpenAI ships CLIP."""
-    root = _Holder()
-    for key, value in state.items():
-        *parents, name = key.split(".")
-        module = root
-        for part in parents:
-            if not hasattr(module, part):
-                module.add_module(part, _Holder())
-            module = getattr(module, part)
-        module.register_buffer(name, value)
-    torch.jit.save(torch.jit.script(root), str(path))
 
 
 def bn_state(prefix: str) -> dict[str, torch.Tensor]:

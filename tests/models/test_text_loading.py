@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from amfor.models.text import PROMPT, TextBranch, TextEncoder
+from tests.models.checkpoint_files import save_torchscript
 
 TEXT = dict(width=64, heads=1, layers=2, output_dim=32)  # OpenAI's rule: heads = width // 64
 
@@ -28,23 +29,6 @@ def tiny_clip(quick_gelu: bool) -> CLIP:
     return clip.eval()
 
 
-class _Holder(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def save_torchscript(state: dict[str, torch.Tensor], path) -> None:
-    """The tensors as a TorchScript archive (a scripted module saved with torch.jit.save), as OpenAI ships CLIP."""
-    root = _Holder()
-    for key, value in state.items():
-        *parents, name = key.split(".")
-        module = root
-        for part in parents:
-            if not hasattr(module, part):
-                module.add_module(part, _Holder())
-            module = getattr(module, part)
-        module.register_buffer(name, value)
-    torch.jit.save(torch.jit.script(root), str(path))
 
 
 def openai_archive(path) -> CLIP:
