@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKED = ("open_clip", "omegaconf", "ftfy", "timm", "matplotlib")
 # Put first on sys.meta_path in the subprocess: any import of a blocked package (or of a module inside one) fails.
@@ -71,6 +73,7 @@ print("tried:", _Blocked.attempts)
     assert proc.stdout.strip() == "tried: []"
 
 
+@pytest.mark.slow
 def test_op_tests_and_op_benchmarks_collect_without_the_model_stack():
     """`pytest --collect-only` of the op tests and the op benchmarks: no collection error (a test that needs timm
     skips, it does not break its module's collection)."""

@@ -52,6 +52,7 @@ def assert_blocks_equal(ours: ReIDViT, vit) -> None:
     assert torch.equal(ours.norm.weight, vit.norm.weight) and torch.equal(ours.norm.bias, vit.norm.bias)
 
 
+@pytest.mark.slow
 def test_timm_vit_b_loads_exactly(timm_vit, vit_files, caplog):
     ours = ReIDViT(img_size=(224, 224), stride=16, num_cameras=0, drop_path_rate=0.0).eval()
     with caplog.at_level(logging.INFO, logger="amfor.models.backbone"):
@@ -67,6 +68,7 @@ def test_timm_vit_b_loads_exactly(timm_vit, vit_files, caplog):
         torch.testing.assert_close(ours.forward_features(x)[1], timm_vit.forward_features(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_timm_vit_b_into_stride_11_at_256x128(timm_vit, vit_files):
     ours = ReIDViT(img_size=(256, 128), stride=11, drop_path_rate=0.0)
     report = ours.load_pretrained(vit_files[1], strict=True)  # the .safetensors copy
@@ -79,6 +81,7 @@ def test_timm_vit_b_into_stride_11_at_256x128(timm_vit, vit_files):
     assert ours.pos_embed.shape == (1, 243, 768) and torch.equal(ours.pos_embed, expect)
 
 
+@pytest.mark.slow
 def test_transreid_style_dict(timm_vit, tmp_path):
     torch.manual_seed(2)
     sd = {f"module.base.{k}": v for k, v in timm_vit.state_dict().items()}

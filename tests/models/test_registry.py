@@ -31,6 +31,7 @@ def test_import_amfor_gives_the_registry():
 
 
 @pytest.mark.parametrize("name", ["amfor_vit_base_patch16", "amfor_vit_small_patch16", "amfor_vit_tiny_patch16"])
+@pytest.mark.slow
 def test_parameter_counts_match_the_docs(name):
     doc = documented_counts()
     assert name in doc, f"docs/model.md has no row for {name}"
@@ -41,6 +42,7 @@ def test_parameter_counts_match_the_docs(name):
     assert got == doc[name]
 
 
+@pytest.mark.slow
 def test_variant_shapes_follow_the_spec():
     base = create_model("amfor_vit_base_patch16", num_classes=10, stride=11)
     assert base.input_size == (256, 128) and base.backbone.num_patches == 242
@@ -49,6 +51,7 @@ def test_variant_shapes_follow_the_spec():
     assert tiny.input_size == (128, 64) and tiny.backbone.embed_dim == 192
 
 
+@pytest.mark.slow
 def test_tiny_rebuilds_hidden_parts_at_test_time_only_where_it_has_the_part_level():
     tiny = create_model("amfor_vit_tiny_patch16", num_classes=10)
     assert tiny.recon_detach and tiny.recon_fill  # chosen on the validation split (docs/model.md)

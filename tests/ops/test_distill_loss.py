@@ -320,6 +320,7 @@ def test_backward_twice_through_a_retained_graph(device, backend):
 
 
 @pytest.mark.parametrize("backend", backends("cpu"))
+@pytest.mark.slow
 def test_gradcheck_float64(backend):
     s = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     t = torch.randn(2, 3, 7, dtype=torch.float64)
@@ -355,6 +356,7 @@ def test_opcheck(name, case):
 
 
 @pytest.mark.parametrize("backend", backends("cpu"))
+@pytest.mark.slow
 def test_compile_fullgraph(backend):
     torch._dynamo.reset()
 

@@ -185,6 +185,7 @@ def test_no_kept_tokens_gives_zero_gradient(device, backend):
 
 
 @pytest.mark.parametrize("backend", [b for b in backends("cpu") if b != "torch"])
+@pytest.mark.slow
 def test_gradcheck_float64(backend):
     x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
     pos = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
@@ -227,6 +228,7 @@ def test_opcheck(name):
 
 
 @pytest.mark.parametrize("backend", backends("cpu"))
+@pytest.mark.slow
 def test_compile_fullgraph(backend):
     torch._dynamo.reset()
 

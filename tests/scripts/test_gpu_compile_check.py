@@ -19,6 +19,7 @@ def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_float64_scalars_compile_as_float64(tmp_path):
     """The launchers' real signatures: a float64 kernel gets no float32 scalar (1/T, T, the reduction factor)."""
     out = tmp_path / "r.json"
