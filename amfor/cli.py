@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
+from .engine.build import SetupError
 from .engine.checkpoint import CheckpointError
-from .engine.runner import SetupError
 from .extras import MissingExtraError
 
 USER_ERRORS = (ConfigError, CheckpointError, SetupError, MissingExtraError, OSError)

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from .cli import USER_ERRORS, prog_name, report
 from .config import ConfigError, build_config, list_configs, to_yaml
+from .engine.build import find_last_checkpoint
 from .engine.checkpoint import load_checkpoint
-from .engine.runner import find_last_checkpoint, train
+from .engine.runner import train
 from .engine.trainer import NonFiniteLossError
 
 

@@ -19,6 +19,12 @@ from .trainer import HookBase
 logger = logging.getLogger("amfor.train")
 
 
+def _position(line: str) -> tuple[int, int]:
+    """(stage, step) of one metrics.jsonl line."""
+    record = json.loads(line)
+    return record.get("stage", 0), record.get("step", 0)
+
+
 class MetricsLog:
     """Rank 0's JSONL metrics file (one record a line) and, when the package is installed, TensorBoard."""
 
@@ -47,11 +53,8 @@ class MetricsLog:
         """Drop records past (stage, step): what a killed run logged after the checkpoint it resumes from."""
         if self.path is None or not self.path.exists():
             return
-        def position(line: str) -> tuple[int, int]:
-            record = json.loads(line)
-            return record.get("stage", 0), record.get("step", 0)
-
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and position(line) <= (stage, step)]
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and _position(line) <= (stage, step)]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def close(self) -> None:

@@ -21,9 +21,9 @@ def config_of(state: dict, path: str | Path | None = None, overrides: list[str] 
 def load_trained_model(state: dict, cfg: DictConfig, device: torch.device | str = "cpu",
                        path: str | Path = "checkpoint") -> torch.nn.Module:
     """The checkpoint's model in eval mode: built with its classes and cameras, text bank made, weights loaded."""
-    from .runner import create_model
+    from .build import build_model
 
-    model = create_model(cfg, int(state["num_classes"]), int(state["num_cameras"]))
+    model = build_model(cfg, int(state["num_classes"]), int(state["num_cameras"]))
     if state.get("stage1_finished", True):
         model.finish_stage1()  # creates the text-bank buffer the state dict holds
     load_model_state(model, state, path)

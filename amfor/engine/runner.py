@@ -1,41 +1,37 @@
-"""A whole run from a config: data, model, stage 1, stage 2, final evaluation (what `python -m amfor.train` does).
+"""Running a run from a config: stage 1, stage 2, the final evaluation (what `python -m amfor.train` does).
 
-Run folder (rank 0 writes): config.yaml (resolved; max_steps filled in when a time budget fixed it),
-metrics.jsonl, log.txt, checkpoints/{last,best}.pt, results.json, ranked_*.png and cmc.png. It is created once
-the data and the model are built (the log lines before that are written into log.txt then), and a new folder is
-removed again when the run fails before its first metrics record, so a failed start leaves nothing behind.
+`Run` holds what `amfor.engine.build` builds (data, model, precision, run folder) and drives the stages; `train` is
+the whole run. The run folder's contents: amfor/engine/build.py.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
 import json
 import logging
-import logging.handlers
-import os
-import re
-import shutil
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from .. import config as C
-from ..data import build_dataset, resolve_data_config
+from ..data import resolve_data_config
 from ..data.records import ReIDData
-from ..extras import require
 from . import distributed as du
-from .checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    load_model_state,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
+from .build import (
+    amp_dtype,
+    build_data,
+    build_model,
+    count_cameras,
+    log_to_file,
+    make_run_dir,
+    process_start_time,
+    remove_made,
+    resolve_run_dir,
+    setup_logging,
 )
+from .checkpoint import load_checkpoint, load_model_state, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .data import auto_num_workers, build_epoch_loader
 from .evaluation import TEST_PAIRS, VAL_PAIRS, evaluate, extract, format_table
 from .hooks import BudgetHook, CheckpointHook, EvalHook, LoggerHook, MetricsLog
@@ -45,221 +41,20 @@ from .trainer import Stage1Trainer, Stage2Trainer
 logger = logging.getLogger("amfor.train")
 
 
-class SetupError(RuntimeError):
-    """The configured data or model cannot be built: a missing or unreadable dataset, image or weights file, a
-    dataset without training identities, a bad dataset or model argument. The message names the file."""
+class Stage1Features(torch.nn.Module):
+    """`model.stage1_features` under extract()'s contract ({"features": [B, D]}). The model is a submodule, so
+    extract()'s eval() reaches it (no dropout or drop-path while caching) and its train() afterwards restores the
+    model's own mode."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.pretrained_cfg = getattr(model, "pretrained_cfg", None)
+
+    def forward(self, img: torch.Tensor, camid: torch.Tensor, global_only: bool = False) -> dict:
+        return {"features": self.model.stage1_features(img, camid)}
 
 
-def _setup_error(what: str, exc: Exception) -> SetupError | None:
-    """`exc` as a SetupError about `what` when it is the user's problem (files, values, unknown names or keyword
-    arguments), else None (a bug: let it raise with its traceback)."""
-    if isinstance(exc, TypeError) and "unexpected keyword argument" not in str(exc):
-        return None
-    if not isinstance(exc, (OSError, ValueError, KeyError, TypeError)):
-        return None
-    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return SetupError(f"{what}: {message}")
-
-
-# --- building blocks -------------------------------------------------------------------------------------
-def process_start_time() -> float:
-    """Wall-clock time at which this process started (Linux /proc), else now: budgets count imports too."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return time.time()
-
-
-def create_model(cfg: DictConfig, num_classes: int, num_cameras: int) -> torch.nn.Module:
-    """`amfor.create_model(name, ...)`, or the factory `package.module:function` named by model.name.
-    (`model.kwargs.num_cameras` is read by `count_cameras`, not passed twice.)"""
-    name = cfg.model.name
-    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "num_cameras"}
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        factory = getattr(importlib.import_module(module), attr)
-    else:
-        import amfor
-        factory = lambda n, **kw: amfor.create_model(name, n, **kw)  # noqa: E731
-    for key, path in (("model.pretrained", cfg.model.pretrained), ("model.kwargs.clip_weights",
-                                                                   kwargs.get("clip_weights"))):
-        if path and str(path).endswith(".safetensors"):
-            require("safetensors", extra="safetensors", purpose=f"{key}={path}")
-    try:
-        return factory(num_classes, num_cameras=num_cameras, pretrained=cfg.model.pretrained, **kwargs)
-    except Exception as exc:
-        error = _setup_error(f"model {name}", exc)
-        if error is None:
-            raise
-        raise error from exc
-
-
-def count_cameras(cfg: DictConfig, *datasets: ReIDData | None) -> int:
-    """The model's camera count: `model.kwargs.num_cameras` when the config sets it, else the camera ids of every
-    split of every dataset the run sees (0 .. max camid), so that a test camera never seen in training is in
-    range (it then gets the seen cameras' mean offsets: docs/model.md, "Cameras")."""
-    found = max((d.num_cameras for d in datasets if d is not None), default=0)
-    configured = cfg.model.kwargs.get("num_cameras")
-    if configured is None:
-        return found
-    if int(configured) < found:
-        raise C.ConfigError(f"model.kwargs.num_cameras={configured}, but the data holds camera ids up to "
-                            f"{found - 1}: it must be at least {found}")
-    return int(configured)
-
-
-def build_data(cfg: DictConfig, test: bool = False) -> ReIDData:
-    """The configured dataset (rank 0 first, so a synthetic set is generated once), or the test dataset.
-
-    `data.kwargs.on_bad_image=skip` implies `verify_images=true`: unreadable images are dropped (with a warning)
-    when the dataset is built; with the default `error` the first unreadable image ends the run naming the file.
-    SetupError for a missing or unreadable dataset, and for a training dataset without training identities."""
-    name = (cfg.data.test_name or cfg.data.name) if test else cfg.data.name
-    kwargs = dict(cfg.data.kwargs)
-    if name == "synthetic":
-        kwargs = {"size": cfg.data.size, "seed": cfg.data.seed, **kwargs}
-    if kwargs.get("on_bad_image") == "skip":
-        kwargs.setdefault("verify_images", True)
-
-    def build() -> ReIDData:
-        try:
-            return build_dataset(name, cfg.data.root, **kwargs)
-        except Exception as exc:
-            error = _setup_error(f"dataset {name} (data.root={cfg.data.root})", exc)
-            if error is None:
-                raise
-            raise error from exc
-
-    data = build() if du.is_main() else None
-    du.barrier()
-    data = data if data is not None else build()
-    if not test and data.num_train_pids == 0:
-        raise SetupError(f"dataset {name} under {data.root} has no training identities (a test-only set): train on "
-                         f"another dataset and evaluate on this one with data.test_name={name}")
-    return data
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """train.amp -> the autocast dtype (None: float32). bf16 and fp16 work on CPU too (torch's CPU autocast and
-    GradScaler), so CI runs both paths; auto is bf16 (fp16 where the GPU lacks bf16) on CUDA, none on CPU."""
-    if mode == "none" or (mode == "auto" and device.type != "cuda"):
-        return None
-    if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if mode == "bf16" else torch.float16
-
-
-LOG_FORMAT = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
-
-
-def setup_logging(run_dir: Path | None, hold: bool = False) -> None:
-    """Log to the console and (rank 0) to run_dir/log.txt; with `hold` and no folder yet, keep the lines in
-    memory until `log_to_file` names it."""
-    log = logging.getLogger("amfor")
-    log.setLevel(logging.INFO if du.is_main() else logging.WARNING)
-    log.propagate = False
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    handlers = [logging.StreamHandler()]
-    if run_dir is not None and du.is_main():
-        handlers.append(logging.FileHandler(run_dir / "log.txt"))
-    elif hold and du.is_main():
-        handlers.append(logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1))
-    for h in handlers:
-        h.setFormatter(LOG_FORMAT)
-        log.addHandler(h)
-
-
-def log_to_file(run_dir: Path) -> None:
-    """Rank 0: from now on also log to run_dir/log.txt, starting with the lines held since `setup_logging`."""
-    if not du.is_main():
-        return
-    log = logging.getLogger("amfor")
-    file = logging.FileHandler(run_dir / "log.txt")
-    file.setFormatter(LOG_FORMAT)
-    for held in [h for h in log.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
-        held.setTarget(file)
-        held.flush()
-        log.removeHandler(held)
-        held.close()
-    log.addHandler(file)
-
-
-RUN_DIR_FORMAT = "%Y%m%d-%H%M%S"  # runs/<date>-<name>
-
-
-def resolve_run_dir(cfg: DictConfig, resume_path: Path | None) -> Path:
-    """--output, else the resumed checkpoint's run folder, else runs/<date>-<name> (rank 0 decides; the folder is
-    made by `make_run_dir` once the data and model are built)."""
-    if cfg.output:
-        run_dir = Path(cfg.output)
-    elif resume_path is not None:
-        run_dir = resume_path.resolve().parent.parent
-    else:
-        run_dir = Path("runs") / f"{datetime.now():{RUN_DIR_FORMAT}}-{cfg.name}"
-    run_dir = Path(du.broadcast_object(str(run_dir)))
-    if resume_path is None and (run_dir / "checkpoints" / "last.pt").exists():
-        raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume or choose another --output")
-    return run_dir
-
-
-def make_dirs(path: Path) -> Path | None:
-    """`mkdir -p path` on rank 0 -> the outermost folder it made (e.g. runs/ on a first run), None when `path`
-    was there already (or on the other ranks). Every rank calls."""
-    made = None
-    if du.is_main():
-        missing = [p for p in (path.absolute(), *path.absolute().parents) if not p.exists()]
-        made = missing[-1] if missing else None
-        path.mkdir(parents=True, exist_ok=True)
-    du.barrier()
-    return made
-
-
-def remove_made(path: Path, made: Path) -> None:
-    """Undo `make_dirs`: remove `path` with its contents, then its parents up to `made` while they are empty
-    (another run may have put a folder in runs/ meanwhile)."""
-    path = path.absolute()
-    shutil.rmtree(path, ignore_errors=True)
-    for folder in path.parents:
-        if not folder.is_relative_to(made) or any(folder.iterdir()):
-            break
-        folder.rmdir()
-
-
-def make_run_dir(run_dir: Path) -> Path | None:
-    """The run folder and its checkpoints/ (rank 0) -> what `make_dirs` made."""
-    made = make_dirs(run_dir)
-    if du.is_main():
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
-    return made
-
-
-def find_last_checkpoint(name: str, runs: Path = Path("runs"), output: str | Path | None = None) -> Path:
-    """`--resume` without a path: <output>/checkpoints/last.pt when an output folder is set, else the newest
-    runs/<date>-<name>/checkpoints/last.pt of run name `name` (exactly: `x-<name>` runs are not `<name>` runs)."""
-    if output:
-        last = Path(output) / "checkpoints" / "last.pt"
-        if not last.is_file():
-            raise CheckpointError(f"--resume: {last} does not exist; pass a checkpoint path")
-        return last
-    date = re.compile(r"\d{8}-\d{6}-" + re.escape(name))
-    found = sorted((p for p in runs.glob("*/checkpoints/last.pt") if date.fullmatch(p.parent.parent.name)),
-                   key=lambda p: (p.stat().st_mtime, p.parent.parent.name))
-    if not found:
-        raise CheckpointError(f"--resume: no run named {name!r} to resume ({runs}/<date>-{name}/checkpoints/last.pt "
-                              "in the working directory); pass a checkpoint path, or the run's --config or --set name=")
-    return found[-1]
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-# --- the run ---------------------------------------------------------------------------------------------
 class Run:
     """State shared by the stages of one training run."""
 
@@ -314,7 +109,7 @@ class Run:
         self.test_data = build_data(self.cfg, test=True) if other else None
         self.num_cameras = count_cameras(self.cfg, self.data, self.test_data)
         seed_everything(self.cfg.train.seed)  # the same initial weights on every rank (stage 1 runs without DDP)
-        self.model = create_model(self.cfg, self.data.num_train_pids, self.num_cameras).to(self.device)
+        self.model = build_model(self.cfg, self.data.num_train_pids, self.num_cameras).to(self.device)
         if hasattr(self.model, "set_train_cameras"):
             self.model.set_train_cameras(self.data.train_cameras)
         seed_everything(self.cfg.train.seed + self.rank)  # then each rank its own stream (dropout, masking)
@@ -375,7 +170,7 @@ class Run:
         trainer = Stage1Trainer(model, feats, pids, optimizer, scheduler, cfg.stage1_epochs, bs, cfg.seed, self.device,
                                 self.amp, cfg.clip_grad)
         trainer.register_hooks([LoggerHook(self.log, cfg.log_every, bs),
-                                CheckpointHook(lambda: self.save(trainer), cfg.checkpoint_every)])
+                                CheckpointHook(functools.partial(self.save, trainer), cfg.checkpoint_every)])
         if self.resume is not None:
             trainer.load_state_dict(self.resume["trainer"])
         self.restore_rng(1)
@@ -385,20 +180,8 @@ class Run:
         self.finish_stage1()
 
     def cache_features(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage-1 image features of the un-augmented training images, once per run: [N, D] and pids [N].
-
-        The model is a submodule of the wrapper, so extract()'s eval() reaches it (no dropout or drop-path while
-        caching) and its train() afterwards restores the model's own mode."""
-
-        class Stage1Features(torch.nn.Module):  # the extract() contract over stage1_features
-            def __init__(self, model: torch.nn.Module) -> None:
-                super().__init__()
-                self.model = model
-                self.pretrained_cfg = getattr(model, "pretrained_cfg", None)
-
-            def forward(self, img, camid, global_only=False):
-                return {"features": self.model.stage1_features(img, camid)}
-
+        """Stage-1 image features of the un-augmented training images (model in eval mode), once per run: [N, D]
+        and pids [N]."""
         t = time.time()
         wrapper = Stage1Features(self.model).train(self.model.training)
         feats = extract(wrapper, self.data.train, self.device, self.size, self.cfg.data.test_batch_size,
@@ -414,10 +197,7 @@ class Run:
     # stage 2 ----------------------------------------------------------------------------------------
     def stage2(self) -> None:
         cfg = self.cfg.train
-        model = self.model
-        if getattr(model, "has_text", False):
-            for p in model.stage1_parameters():
-                p.requires_grad_(False)
+        model = self.model  # stage 1's parameters were frozen by model.finish_stage1()
         if self.resume is not None and self.resume["trainer"]["stage"] == 2:
             load_model_state(model, self.resume, "resumed checkpoint")
         loader = build_epoch_loader(self.data, self.cfg, self.size, self.rank, self.world, self.workers, self.norm)
@@ -433,11 +213,8 @@ class Run:
             hooks.append(self.budget_hook(trainer, per_epoch))
         hooks.append(LoggerHook(self.log, cfg.log_every, cfg.batch_size))
         if cfg.eval_every > 0 and "val_query" in self.data.extra:
-            hooks.append(EvalHook(lambda: evaluate(self.model, self.data, VAL_PAIRS, self.cfg, self.device, self.size,
-                                                   amp_dtype=self.amp, num_workers=self.workers,
-                                                   rerank=False).get("val", {}),
-                                  cfg.eval_every, lambda m: self.save_best(trainer, m), self.log))
-        hooks.append(CheckpointHook(lambda: self.save(trainer), cfg.checkpoint_every))
+            hooks.append(EvalHook(self.validate, cfg.eval_every, functools.partial(self.save_best, trainer), self.log))
+        hooks.append(CheckpointHook(functools.partial(self.save, trainer), cfg.checkpoint_every))
         trainer.register_hooks(hooks)
         if self.resume is not None and self.resume["trainer"]["stage"] == 2:
             trainer.load_state_dict(self.resume["trainer"])
@@ -449,6 +226,11 @@ class Run:
             self.log.write({"type": "schedule", "stage": 2, "step": 0,
                             "steps_per_epoch": per_epoch, "batch_size": cfg.batch_size})
         trainer.train()
+
+    def validate(self) -> dict:
+        """The validation metrics (val_query against val_gallery) of the model now."""
+        return evaluate(self.model, self.data, VAL_PAIRS, self.cfg, self.device, self.size, amp_dtype=self.amp,
+                        num_workers=self.workers, rerank=False).get("val", {})
 
     def wrap_ddp(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world == 1:
@@ -463,40 +245,45 @@ class Run:
                                                          find_unused_parameters=self.cfg.train.find_unused_parameters)
 
     def budget_hook(self, trainer, per_epoch: int) -> BudgetHook:
+        return BudgetHook(self.start + 60 * self.cfg.train.max_minutes,
+                          functools.partial(self.eval_images, per_epoch=per_epoch),
+                          functools.partial(self.budget_fixed, trainer), self.measure_eval)
+
+    def eval_images(self, steps: int, per_epoch: int) -> int:
+        """Images the evaluations of a `steps`-step stage 2 read: the validations, then the test."""
         cfg, extra = self.cfg, self.data.extra
         flip = 2 if cfg.test.flip else 1
         val = len(extra.get("val_query", [])) + len(extra.get("val_gallery", []))
         test = sum(len(self.data.splits().get(s, [])) for s in ("query", "query_whole", "gallery"))
+        runs = (steps // per_epoch // cfg.train.eval_every + 1) if cfg.train.eval_every > 0 and val else 0
+        return flip * (runs * val + test)
 
-        def eval_images(steps: int) -> int:
-            runs = (steps // per_epoch // cfg.train.eval_every + 1) if cfg.train.eval_every > 0 and val else 0
-            return flip * (runs * val + test)
+    def measure_eval(self) -> float:
+        """Seconds per image of an eval-mode forward of a test batch (random images)."""
+        model, cfg = self.model, self.cfg
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            # the probe batch is drawn inside fork_rng: a clock-budgeted run stays equal to a max_steps run
+            img = torch.randn(cfg.data.test_batch_size, 3, *self.size, device=self.device)
+            cam = torch.zeros(len(img), dtype=torch.long, device=self.device)
+            t = time.time()
+            model(img, cam)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            elapsed = time.time() - t
+        model.train()
+        return elapsed / len(img)
 
-        def measure_eval() -> float:
-            model = self.model
-            model.eval()
-            with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                # the probe batch is drawn inside fork_rng: a clock-budgeted run stays equal to a max_steps run
-                img = torch.randn(cfg.data.test_batch_size, 3, *self.size, device=self.device)
-                cam = torch.zeros(len(img), dtype=torch.long, device=self.device)
-                t = time.time()
-                model(img, cam)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                elapsed = time.time() - t
-            model.train()
-            return elapsed / len(img)
-
-        def on_fixed(steps: int, info: dict) -> None:
-            cfg.train.max_steps = steps
-            self.write_config()
-            logger.info("train.max_minutes=%g -> train.max_steps=%d (%.3f s/step over %d steps, %.4f s/eval image, "
-                        "%.0f s left)", cfg.train.max_minutes, steps, info["step_s"], info["measured_steps"],
-                        info["eval_s_per_image"], info["remaining_s"])
-            if du.is_main():
-                self.log.write({"type": "budget", "stage": 2, "step": trainer.step, "max_steps": steps, **info})
-
-        return BudgetHook(self.start + 60 * cfg.train.max_minutes, eval_images, on_fixed, measure_eval)
+    def budget_fixed(self, trainer, steps: int, info: dict) -> None:
+        """The budget fixed stage 2 at `steps`: into the config (config.yaml), the log and metrics.jsonl."""
+        cfg = self.cfg
+        cfg.train.max_steps = steps
+        self.write_config()
+        logger.info("train.max_minutes=%g -> train.max_steps=%d (%.3f s/step over %d steps, %.4f s/eval image, "
+                    "%.0f s left)", cfg.train.max_minutes, steps, info["step_s"], info["measured_steps"],
+                    info["eval_s_per_image"], info["remaining_s"])
+        if du.is_main():
+            self.log.write({"type": "budget", "stage": 2, "step": trainer.step, "max_steps": steps, **info})
 
     # final evaluation -------------------------------------------------------------------------------
     def final_eval(self) -> dict:

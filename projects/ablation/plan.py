@@ -249,7 +249,7 @@ def read_jsonl(path: Path) -> list[dict]:
 # --- calibration -----------------------------------------------------------------------------------------
 def prepare_data(plan: Plan) -> None:
     """Build (for synthetic data: generate) the dataset before any calibration, so no budget pays for it."""
-    from amfor.engine.runner import build_data
+    from amfor.engine.build import build_data
 
     build_data(build_config(plan.config, plan.overrides))
 

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 import torch
 from omegaconf import DictConfig
 
+from amfor.engine.build import amp_dtype, build_data, build_model
 from amfor.engine.data import build_epoch_loader
 from amfor.engine.optim import build_stage2_optimizer
-from amfor.engine.runner import amp_dtype, build_data, create_model
 from amfor.engine.trainer import stage2_inputs
 from amfor.utils.timing import interleaved_times
 
@@ -42,11 +42,8 @@ class TrainingStep:
     def __init__(self, cfg: DictConfig, num_classes: int, num_cameras: int,
                  batch: dict[str, torch.Tensor] | None = None) -> None:
         torch.manual_seed(cfg.train.seed)
-        self.model = create_model(cfg, num_classes, num_cameras)
-        self.model.finish_stage1()
-        if getattr(self.model, "has_text", False):
-            for p in self.model.stage1_parameters():
-                p.requires_grad_(False)
+        self.model = build_model(cfg, num_classes, num_cameras)
+        self.model.finish_stage1()  # freezes what stage 1 trains
         self.optimizer = build_stage2_optimizer(self.model, cfg.train)
         dtype = amp_dtype(cfg.train.amp, torch.device("cpu"))
         self.autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext

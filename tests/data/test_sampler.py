@@ -1,4 +1,4 @@
-"""PKSampler: batch composition, determinism per (seed, epoch), DDP disjointness and equal lengths."""
+"""PKSampler: batch composition, determinism per (seed, epoch); GlobalBatchSampler: every rank's share."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from amfor.data import PKSampler
+from amfor.data import GlobalBatchSampler, PKSampler
 
 
 @pytest.fixture
@@ -41,15 +41,16 @@ def test_few_images_sampled_with_replacement():
     assert all(i in (0, 1) for i in idx if pids[i] == 0)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ddp_ranks_disjoint_equal_length(pids, world):
-    ranks = [PKSampler(pids, 4, 32, seed=5, num_replicas=world, rank=r) for r in range(world)]
-    shares = [list(s) for s in ranks]
-    assert len({len(x) for x in shares}) == 1 and all(len(x) == len(s) for x, s in zip(shares, ranks, strict=True))
-    sets = [set(x) for x in shares]
-    for i in range(world):
-        for j in range(i + 1, world):
-            assert not (sets[i] & sets[j])
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_share_every_batch_disjointly(pids, world):
+    """The one sharding path: rank r takes the r-th contiguous slice of every global batch (whole K-groups)."""
+    s = PKSampler(pids, 4, 32, seed=5)
+    shares = [list(GlobalBatchSampler(s, seed=5, rank=r, world=world)) for r in range(world)]
+    assert len({len(x) for x in shares}) == 1 and len(shares[0]) == len(s.global_batches())
+    for b, batch in enumerate(s.global_batches()):
+        parts = [[i for i, _ in share[b]] for share in shares]
+        assert sum(parts, []) == batch
+        assert all(len({pids[i] for i in part[k:k + 4]}) == 1 for part in parts for k in range(0, len(part), 4))
 
 
 def test_bad_arguments():
@@ -57,5 +58,3 @@ def test_bad_arguments():
         PKSampler([0, 1], num_instances=3, batch_size=8)
     with pytest.raises(ValueError, match="identities"):
         PKSampler([0, 1], num_instances=4, batch_size=16)
-    with pytest.raises(ValueError, match="rank"):
-        PKSampler(list(range(20)), 4, 8, num_replicas=2, rank=2)

@@ -103,8 +103,7 @@ def train_and_measure(data, seconds: float, seed: int = 0, arch: str = "cnn", si
     loader = build_train_loader(data, size=size, batch_size=64, num_instances=4, num_workers=0, seed=seed)
     start, steps, epoch = time.perf_counter(), 0, 0
     while time.perf_counter() - start < seconds:
-        loader.sampler.set_epoch(epoch)
-        for batch in loader:
+        for batch in loader.epoch_iter(epoch):
             loss = nn.functional.cross_entropy(model(batch["img"]), batch["pid"])
             opt.zero_grad()
             loss.backward()

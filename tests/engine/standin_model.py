@@ -60,8 +60,10 @@ class StandIn(nn.Module):
         return {"loss": i2t + t2i, "loss_i2t": i2t, "loss_t2i": t2i}
 
     def finish_stage1(self) -> None:
+        """As AMFOR's: the bank from the prompts, and what stage 1 trained frozen."""
         if self.has_text:
             self.text_bank.copy_(self.prompts.detach())
+            self.prompts.requires_grad_(False)
 
     def forward(self, images, *ids, masks=None, occlusion=None, global_only: bool = False) -> dict:
         if not self.training:

@@ -11,8 +11,8 @@ from PIL import Image
 
 from amfor.config import ConfigError, build_config
 from amfor.data import ImageRecord, ReIDData
+from amfor.engine.build import count_cameras
 from amfor.engine.evaluation import extract
-from amfor.engine.runner import count_cameras
 
 
 def dataset(name: str, cams: dict[str, list[int]]) -> ReIDData:

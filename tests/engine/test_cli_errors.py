@@ -13,8 +13,8 @@ from PIL import Image
 
 import amfor
 from amfor.config import DEMO_SWITCHES, build_config, to_dict
+from amfor.engine.build import build_data, find_last_checkpoint
 from amfor.engine.checkpoint import CheckpointError, save_checkpoint
-from amfor.engine.runner import build_data, find_last_checkpoint
 from amfor.export import main as export_main
 from amfor.test import main as evaluate_main  # not test_*: pytest would collect it
 from amfor.train import main as train_main

@@ -34,9 +34,9 @@ def batch(size: tuple[int, int], n: int = 4) -> tuple:
 
 
 def two_ddp_steps(model: torch.nn.Module) -> DistributedDataParallel:
-    """Stage 2 as the runner sets it up (stage-1 parameters frozen), wrapped with the configured flag; two steps."""
-    for p in getattr(model, "stage1_parameters", lambda: [])():
-        p.requires_grad_(False)
+    """Stage 2 as the runner sets it up (stage 1 finished: its parameters frozen), wrapped with the configured flag;
+    two steps."""
+    model.finish_stage1()
     ddp = DistributedDataParallel(model, find_unused_parameters=build_config().train.find_unused_parameters)
     img, pid, cam, masks, occ = batch(tuple(model.input_size))
     for _ in range(2):
@@ -55,7 +55,6 @@ def test_every_parameter_gets_a_gradient_under_ddp(gloo, switches):
     kwargs = dict(build_config().model.kwargs) if switches == "configured" else dict.fromkeys(DEMO_SWITCHES, True)
     torch.manual_seed(0)
     model = amfor.create_model("amfor_vit_tiny_patch16", 2, num_cameras=2, **kwargs)
-    model.finish_stage1()
     two_ddp_steps(model.train())
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []

@@ -8,8 +8,8 @@ from conftest import standin_overrides
 from standin_model import StandIn
 
 from amfor.config import build_config
+from amfor.engine.build import build_data
 from amfor.engine.evaluation import TEST_PAIRS, VAL_PAIRS, evaluate, format_table
-from amfor.engine.runner import build_data
 
 
 @pytest.fixture(scope="module")

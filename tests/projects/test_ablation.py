@@ -451,7 +451,7 @@ def test_a_started_variant_keeps_its_step_count(tmp_path, monkeypatch):
 def test_step_costs_time_every_configuration_in_the_same_rounds(tiny_root):
     import torch
 
-    from amfor.engine.runner import build_data
+    from amfor.engine.build import build_data
     from projects.ablation.step_costs import TrainingStep, median_costs, step_costs, training_batch
 
     plan = ablation.make_plan("unused", steps=2, overrides=tiny_sets(tiny_root))
