@@ -25,20 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amfor.data.parts import FLIP_PAIRS, NUM_PARTS
-from amfor.data.transforms import patch_occlusion
 from amfor.losses import (
     AMGDLoss,
     diversity_loss,
     feature_reconstruction_loss,
     focal_loss,
     identity_loss,
-    mask_to_token_fractions,
-    mask_to_tokens,
     parsing_loss,
     part_triplet_loss,
     patch_reconstruction_loss,
-    patchify,
     triplet_loss,
 )
 from amfor.models.backbone import ReIDViT
@@ -50,7 +45,8 @@ from amfor.models.parts import PartClassifier, PartDecoder, VisibilityHead, teac
 from amfor.models.reconstruction import PartReconstructor, choose_masked_patches
 from amfor.models.text import TextBranch, contrastive_losses
 from amfor.nn import MAEDecoder
-from amfor.ops import masked_gather
+from amfor.nn.patch_grid import mask_to_token_fractions, mask_to_tokens, patch_occlusion, patchify
+from amfor.schema import FLIP_PAIRS, NUM_PARTS
 
 LOSS_WEIGHTS = {  # docs/spec.md section 6: every term weighted 1.0
     # i2t: CLIP-ReID's stage-2 image-to-text cross-entropy against the frozen bank. Not in the spec's loss list and
@@ -272,7 +268,7 @@ class AMFOR(nn.Module):
         patch embedding [B, N, D] when already computed (the two views share it)  ->  M [B, 1 + N', D] with
         N' = K or N.
         """
-        x = self.embed(images, camids, index, patches)
+        x = self.backbone.embed(images, camids, index, seen=self.cameras_seen, patches=patches, check_index=False)
         fuse = self.fusion if fusion else None
         layers = [x]
         for k, blk in enumerate(self.backbone.blocks, start=1):
@@ -307,21 +303,6 @@ class AMFOR(nn.Module):
                                        check=False)
             part["teacher"], part["teacher_foreground"] = t[:, :-1], t[:, -1]
         return g, part
-
-    def embed(self, images: torch.Tensor, camids: torch.Tensor | None, index: torch.Tensor | None,
-              patches: torch.Tensor | None = None) -> torch.Tensor:
-        """x_0 [B, 1 + N', D]: CLS + (kept) patch tokens with their position embedding, + camera embedding."""
-        vit = self.backbone
-        patches = vit.patch_tokens(images) if patches is None else patches
-        pos = vit.pos_embed[0]
-        if index is None:
-            tokens = patches + pos[1:]
-        else:
-            tokens = masked_gather(patches, index, pos[1:], check_index=False)
-        cls = (vit.cls_token[0] + pos[:1]).expand(images.shape[0], 1, -1)
-        x = torch.cat([cls, tokens], dim=1)
-        sie = vit.camera_embedding(camids, images.shape[0], self.cameras_seen)
-        return vit.pos_drop(x if sie is None else x + sie)
 
     # -- part branch -----------------------------------------------------------------------------------------------
     def forward_parts(self, M: torch.Tensor, G: torch.Tensor, teacher: bool) -> dict[str, torch.Tensor]:
