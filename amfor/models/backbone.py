@@ -28,6 +28,7 @@ from amfor.models.weights import (  # noqa: F401  (re-exported: the loading API 
     load_state_dict_file,
 )
 from amfor.nn.masked_vit import embed_tokens
+from amfor.nn.patch_grid import grid_size
 
 
 class ReIDViT(nn.Module):
@@ -61,7 +62,7 @@ class ReIDViT(nn.Module):
         self.patch_size, self.stride, self.in_chans = patch_size, stride, in_chans
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
         self.num_prefix_tokens, self.num_cameras, self.sie_coef = 1, num_cameras, sie_coef
-        self.grid_size = tuple((s - patch_size) // stride + 1 for s in self.img_size)
+        self.grid_size = grid_size(self.img_size, patch_size, stride)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim)
