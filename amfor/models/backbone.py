@@ -5,6 +5,10 @@ on the ny x nx grid (ny = (H - p) // s + 1), side information embedding (one lea
 by `sie_coef`) added to all tokens, timm `Block`s 1..depth-1 producing the shared memory M, and a separate
 copy of block `depth` plus the final LayerNorm producing the global branch G (g = G[:, 0]).
 
+The backbone owns its embedding, as timm's ViT its `_pos_embed`: `embed(images, camids, index)` builds the input
+tokens (all patches, or with a kept-token index only the kept ones, through `masked_gather`); the AMFOR model and
+its masked view read the tokens from there, never `pos_embed` itself.
+
 Weights load with `ReIDViT.load_pretrained` from timm, TransReID, CLIP / CLIP-ReID, DINO-family (PASS,
 TransReID-SSL, PersonViT), MAE (HAP) and MoCo v3 checkpoints: `amfor/models/weights.py` reads and converts them.
 """

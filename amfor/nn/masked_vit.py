@@ -8,7 +8,8 @@ mask token (`masked_scatter`).
 
 `masked_forward_features` equals timm's own sequence (patch embedding, `_pos_embed`, a gather of the kept
 tokens, the blocks, the final norm) exactly, without adding position embeddings to the dropped tokens or ever
-materialising the full token sequence.
+materialising the full token sequence. `embed_tokens` is that embedding step, shared with amfor's own backbone
+(`ReIDViT.embed`, which `masked_forward_features` calls for a ReIDViT).
 """
 
 from __future__ import annotations
