@@ -1,13 +1,8 @@
-"""The part schema shared by the data (masks), the model's part heads and the evaluation (flip averaging).
-
-Part ids are image-space: "left" is the image's left half of the body, so a horizontal flip swaps the pairs
-2<->3, 5<->6 and 7<->8. Label 0 is background; 1..8 are the P = 8 body parts of docs/spec.md section 4.
-"""
+"""The part schema of the masks (labels, flip pairs, the no-mask value): defined in `amfor.schema`, which the
+models read too, and re-exported here for the data pipeline."""
 
 from __future__ import annotations
 
-PART_NAMES = ("background", "head", "left_arm", "right_arm", "torso", "left_leg", "right_leg", "left_foot",
-              "right_foot")
-NUM_PARTS = len(PART_NAMES) - 1  # P: body parts, background excluded
-FLIP_PAIRS = ((2, 3), (5, 6), (7, 8))  # label pairs a horizontal flip exchanges
-NO_MASK = -1  # part-mask value meaning "this image has no parsing mask"
+from amfor.schema import FLIP_PAIRS, NO_MASK, NUM_PARTS, PART_NAMES
+
+__all__ = ["FLIP_PAIRS", "NO_MASK", "NUM_PARTS", "PART_NAMES"]

@@ -17,14 +17,11 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .parts import FLIP_PAIRS, NO_MASK
+from amfor.nn.patch_grid import patch_occlusion  # noqa: F401  (re-exported: it used to live here)
+from amfor.schema import FLIP_PAIRS, NO_MASK, REID_MEAN, REID_STD
 
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # img [3, H, W] float, mask [H, W] long, occ [H, W] bool
 
-# TransReID's and CLIP-ReID's normalisation (x - 0.5) / 0.5; the models' `pretrained_cfg` (amfor/models/registry.py)
-# names it, and the loaders take what the model's `pretrained_cfg` says (`resolve_data_config`)
-REID_MEAN = (0.5, 0.5, 0.5)
-REID_STD = (0.5, 0.5, 0.5)
 INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
                   "nearest": v2.InterpolationMode.NEAREST}
 
@@ -172,14 +169,3 @@ class ReIDTransform:
         if self.erasing is not None:
             image, part, occ = self.erasing(image, part, occ)
         return image, part, occ.as_subclass(torch.Tensor)
-
-
-def patch_occlusion(occ: torch.Tensor, patch: int = 16, stride: int | None = None, threshold: float = 0.5
-                    ) -> torch.Tensor:
-    """Per-patch occlusion [B, ny, nx] bool from a pixel map [B, H, W]: covered fraction >= threshold.
-
-    ny = (H - patch) // stride + 1 (the ViT patch grid, overlapping when stride < patch).
-    """
-    stride = stride or patch
-    frac = F.avg_pool2d(occ[:, None].float(), kernel_size=patch, stride=stride)[:, 0]
-    return frac > 0 if threshold <= 0 else frac >= threshold - 1e-6

@@ -1,10 +1,9 @@
 """Parsing supervision of the pixel-to-part classifier (docs/spec.md section 4).
 
-`mask_to_tokens` turns a human-parsing mask into one part label per ViT token (the label covering most of the
-token's p x p receptive field, on the same ny x nx grid as the overlapping patch embedding), and
-`mask_to_token_fractions` into the share of every label in that field (soft targets: a 16x16 token holds
-several thin parts); `parsing_loss` is the label-smoothed cross-entropy of the per-token part logits against
-either, ignoring unlabelled tokens.
+`parsing_loss` is the label-smoothed cross-entropy of the per-token part logits against per-token targets,
+ignoring unlabelled tokens: one part label per ViT token (`mask_to_tokens`: the label covering most of the token's
+p x p window) or the share of every label in that window (`mask_to_token_fractions`: soft targets, a 16x16 token
+holds several thin parts). Both live with the patch grid (`amfor.nn.patch_grid`) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -14,56 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from amfor.losses.identity import out_of_range, upcast
-from amfor.losses.reconstruction import patchify
-
-IGNORE = -1  # token label: no parsing mask (amfor.data NO_MASK) for its pixels
-
-
-def token_part_counts(mask: torch.Tensor, patch_size: int, stride: int, num_classes: int, *,
-                      check: bool = True) -> torch.Tensor:
-    """Pixels of each label in each token's p x p window: mask [B, H, W] (integer labels in [0, num_classes),
-    -1 = no mask) -> counts [B, N, num_classes] (float32; -1 pixels are not counted). check=False skips the
-    range check of the labels (a host sync): for masks the caller checked already.
-
-    N = ny * nx with ny = (H - p) // s + 1 and nx = (W - p) // s + 1, tokens in row-major order (as the ViT
-    flattens its grid). One index_add, no [B, C, H, W] one-hot.
-    """
-    if mask.dim() != 3 or mask.is_floating_point():
-        raise ValueError(f"mask must be an integer tensor [B, H, W], got {mask.dtype} {list(mask.shape)}")
-    H, W = mask.shape[-2:]
-    if not 0 < stride <= patch_size <= min(H, W):
-        raise ValueError(f"need 0 < stride <= patch_size <= min(H, W), got stride {stride}, patch_size "
-                         f"{patch_size}, mask {H}x{W}")
-    bad = out_of_range(mask, IGNORE, num_classes) if check else None
-    if bad:
-        raise ValueError(f"mask values must lie in [0, {num_classes}) or be -1 (no mask), got [{bad[0]}, {bad[1]}]")
-    windows = patchify(mask[:, None], patch_size, stride)  # [B, N, p*p] labels
-    B, N, _ = windows.shape
-    token = torch.arange(B * N, device=mask.device).view(B, N, 1)
-    keys = token * num_classes + windows.clamp(min=0)
-    valid = (windows >= 0).float()  # -1 pixels add 0 (a weight, not a boolean selection: no host sync)
-    counts = torch.zeros(B * N * num_classes, device=mask.device).index_add_(0, keys.flatten(), valid.flatten())
-    return counts.view(B, N, num_classes)
-
-
-def mask_to_tokens(mask: torch.Tensor, patch_size: int, stride: int, num_classes: int, *,
-                   check: bool = True) -> torch.Tensor:
-    """Part label of each token (majority vote): mask [B, H, W] -> [B, N] (see `token_part_counts`).
-
-    Each token gets the label with the largest area in its window (ties: the lower label, e.g. background); a
-    token with no labelled pixel (every token of an image without a mask, which is -1 everywhere) is -1.
-    Thin parts (arms, feet at 16x16 patches) rarely win a vote: `mask_to_token_fractions` keeps them.
-    """
-    counts = token_part_counts(mask, patch_size, stride, num_classes, check=check)
-    return counts.argmax(-1).masked_fill(counts.sum(-1) == 0, IGNORE)  # argmax: the first maximum, lower label
-
-
-def mask_to_token_fractions(mask: torch.Tensor, patch_size: int, stride: int, num_classes: int, *,
-                            check: bool = True) -> torch.Tensor:
-    """Share of each label in each token's window: mask [B, H, W] -> [B, N, num_classes] float32, rows summing
-    to 1, or all 0 for a token with no labelled pixel (see `token_part_counts`)."""
-    counts = token_part_counts(mask, patch_size, stride, num_classes, check=check)
-    return counts / counts.sum(-1, keepdim=True).clamp(min=1)
+from amfor.nn.patch_grid import (  # noqa: F401  (re-exported: they used to live here)
+    IGNORE,
+    mask_to_token_fractions,
+    mask_to_tokens,
+    token_part_counts,
+)
 
 
 def parsing_loss(token_logits: torch.Tensor, token_targets: torch.Tensor,

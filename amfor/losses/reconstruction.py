@@ -1,9 +1,9 @@
 """Reconstruction losses of the HPR-Decoder (docs/spec.md section 5).
 
-Patch level (MAE-style): `patchify` cuts images into the ViT's (possibly overlapping) p x p patches, and
-`patch_reconstruction_loss` is the MSE between predicted and per-patch normalised target pixels, averaged
-over the masked patches only. Part level: `feature_reconstruction_loss` is a (visibility-)weighted mean of
-per-part MSEs. All in float32 (float64 inputs stay float64) with autocast off.
+Patch level (MAE-style): `patchify` (`amfor.nn.patch_grid`, re-exported here) cuts images into the ViT's
+(possibly overlapping) p x p patches, and `patch_reconstruction_loss` is the MSE between predicted and per-patch
+normalised target pixels, averaged over the masked patches only. Part level: `feature_reconstruction_loss` is a
+(visibility-)weighted mean of per-part MSEs. All in float32 (float64 inputs stay float64) with autocast off.
 """
 
 from __future__ import annotations
@@ -12,25 +12,7 @@ import torch
 from torch import nn
 
 from amfor.losses.identity import upcast
-
-
-def patchify(imgs: torch.Tensor, patch_size: int, stride: int) -> torch.Tensor:
-    """imgs [B, C, H, W] -> patches [B, N, C * p * p] on the ViT grid (ny = (H - p) // s + 1), row-major.
-
-    Each patch vector is channel-major, as F.unfold (and a conv weight) lay it out: index c * p * p + i * p + j
-    for channel c, row i, column j (MAE's own patchify puts the channel last). Overlapping strides (s < p)
-    repeat pixels in neighbouring patches. Any dtype (the parsing loss cuts integer masks with it): strided
-    views and one copy, not F.unfold's im2col, which is float-only and slow on CPU for few channels.
-    """
-    if imgs.dim() != 4:
-        raise ValueError(f"imgs must be [B, C, H, W], got {list(imgs.shape)}")
-    H, W = imgs.shape[-2:]
-    if not 0 < stride <= patch_size <= min(H, W):
-        raise ValueError(f"need 0 < stride <= patch_size <= min(H, W), got stride {stride}, patch_size "
-                         f"{patch_size}, image {H}x{W}")
-    B, C = imgs.shape[:2]
-    windows = imgs.unfold(2, patch_size, stride).unfold(3, patch_size, stride)  # [B, C, ny, nx, p, p], a view
-    return windows.permute(0, 2, 3, 1, 4, 5).reshape(B, -1, C * patch_size * patch_size)
+from amfor.nn.patch_grid import patchify  # noqa: F401  (re-exported: `amfor.losses.patchify` is public API)
 
 
 def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -25,20 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amfor.data.parts import FLIP_PAIRS, NUM_PARTS
-from amfor.data.transforms import patch_occlusion
 from amfor.losses import (
     AMGDLoss,
     diversity_loss,
     feature_reconstruction_loss,
     focal_loss,
     identity_loss,
-    mask_to_token_fractions,
-    mask_to_tokens,
     parsing_loss,
     part_triplet_loss,
     patch_reconstruction_loss,
-    patchify,
     triplet_loss,
 )
 from amfor.models.backbone import ReIDViT
@@ -50,7 +45,8 @@ from amfor.models.parts import PartClassifier, PartDecoder, VisibilityHead, teac
 from amfor.models.reconstruction import PartReconstructor, choose_masked_patches
 from amfor.models.text import TextBranch, contrastive_losses
 from amfor.nn import MAEDecoder
-from amfor.ops import masked_gather
+from amfor.nn.patch_grid import mask_to_token_fractions, mask_to_tokens, patch_occlusion, patchify
+from amfor.schema import FLIP_PAIRS, NUM_PARTS
 
 LOSS_WEIGHTS = {  # docs/spec.md section 6: every term weighted 1.0
     # i2t: CLIP-ReID's stage-2 image-to-text cross-entropy against the frozen bank. Not in the spec's loss list and
@@ -107,15 +103,40 @@ class AMFOR(nn.Module):
         self.num_features = embed_dim  # timm: the width of the features before the classifier
         self.switches = dict(amff=amff, text=text, parts=parts, teacher_student=teacher_student, amgd=amgd, hpr=hpr,
                              part_recon=part_recon)
+        self._set_loss_options(loss_weights, triplet_margin, label_smoothing, parsing_smoothing, text_bank,
+                               text_temperature)
+        self._set_part_options(flip_pairs, parsing_targets, visible_area, teacher_id_share)
+        self._set_hpr_options(mask_ratio, hpr_fusion, hpr_fraction, recon_hide_prob, recon_fill, recon_neck,
+                              recon_detach, part_recon)
+
+        self.backbone = ReIDViT(img_size, patch_size, stride, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, num_cameras=num_cameras,
+                                sie_coef=sie_coef)
+        self.pretrained_cfg = self._pretrained_cfg(pretrained_cfg)
+        self._build_cameras_seen(num_cameras)
+        D, C, P = embed_dim, num_classes, num_parts
+        self.text = TextBranch(C, D, text_width, text_heads, text_layers, text_dim, text_context,
+                               clip_weights) if text else None
+        self.fusion = AMFFEncoder(D, num_heads, fusion_points, depth - 1, tokens=fusion_tokens,
+                                  weighting=fusion_weighting, gate_init=fusion_gate_init, text=text) if amff else None
+        self.global_neck = BNNeck(D, C)
+        if parts:
+            self._build_part_branch(D, C, P, part_heads, part_ffn_dim, part_depth)
+        self.amgd = AMGDLoss(D, P + 2, num_heads=part_heads, temperature=amgd_temperature) if amgd else None
+        if hpr:
+            self._build_patch_decoder(D, patch_size, hpr_dim, hpr_depth, hpr_heads)
+        self._build_part_reconstruction(D, C, P, part_recon, recon_dim, recon_depth, recon_heads, recon_neck)
+        self._build_camera_centering(camera_centering, num_cameras, D, P, parts, teacher_student, camera_momentum)
+
+    # -- construction helpers ----------------------------------------------------------------------------------
+    def _set_loss_options(self, loss_weights, triplet_margin, label_smoothing, parsing_smoothing, text_bank,
+                          text_temperature) -> None:
         self.loss_weights = self._loss_weights(loss_weights)
-        self.triplet_margin, self.label_smoothing, self.parsing_smoothing = triplet_margin, label_smoothing, \
-            parsing_smoothing
+        self.triplet_margin, self.label_smoothing = triplet_margin, label_smoothing
+        self.parsing_smoothing = parsing_smoothing
         self.text_bank_mode, self.text_scale = text_bank, 1.0 / text_temperature
-        self.mask_ratio, self.hpr_fusion, self.recon_hide_prob = mask_ratio, hpr_fusion, recon_hide_prob
-        if not 0 < hpr_fraction <= 1:
-            raise ValueError(f"hpr_fraction must be in (0, 1] (the share of the batch given a masked view), got "
-                             f"{hpr_fraction}")
-        self.hpr_fraction = float(hpr_fraction)
+
+    def _set_part_options(self, flip_pairs, parsing_targets, visible_area, teacher_id_share) -> None:
         self.flip_pairs = tuple(tuple(p) for p in flip_pairs)  # feature indices of [global, P parts] = part labels
         if parsing_targets not in ("soft", "hard"):
             raise ValueError(f"parsing_targets must be 'soft' or 'hard', got {parsing_targets!r}")
@@ -126,6 +147,14 @@ class AMFOR(nn.Module):
             raise ValueError(f"teacher_id_share must be in [0, 1] (the teacher's share of the part identity losses), "
                              f"got {teacher_id_share}")
         self.teacher_id_share = float(teacher_id_share)
+
+    def _set_hpr_options(self, mask_ratio, hpr_fusion, hpr_fraction, recon_hide_prob, recon_fill, recon_neck,
+                         recon_detach, part_recon) -> None:
+        self.mask_ratio, self.hpr_fusion, self.recon_hide_prob = mask_ratio, hpr_fusion, recon_hide_prob
+        if not 0 < hpr_fraction <= 1:
+            raise ValueError(f"hpr_fraction must be in (0, 1] (the share of the batch given a masked view), got "
+                             f"{hpr_fraction}")
+        self.hpr_fraction = float(hpr_fraction)
         if recon_fill and not part_recon:
             raise ValueError("recon_fill=True (rebuilt parts at inference) needs part_recon=True")
         self.recon_fill = bool(recon_fill)
@@ -133,42 +162,44 @@ class AMFOR(nn.Module):
             raise ValueError(f"recon_neck must be 'shared' or 'own', got {recon_neck!r}")
         self.recon_detach = bool(recon_detach)
 
-        self.backbone = ReIDViT(img_size, patch_size, stride, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                                mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, num_cameras=num_cameras,
-                                sie_coef=sie_coef)
-        self.pretrained_cfg = self._pretrained_cfg(pretrained_cfg)
-        if num_cameras > 0:  # the cameras seen in training (all, until `set_train_cameras` says otherwise)
+    def _build_cameras_seen(self, num_cameras: int) -> None:
+        """The cameras seen in training (all, until `set_train_cameras` says otherwise); None without cameras."""
+        if num_cameras > 0:
             self.register_buffer("cameras_seen", torch.ones(num_cameras, dtype=torch.bool))
         else:
             self.cameras_seen = None
-        D, C, P = embed_dim, num_classes, num_parts
-        self.text = TextBranch(C, D, text_width, text_heads, text_layers, text_dim, text_context,
-                               clip_weights) if text else None
-        self.fusion = AMFFEncoder(D, num_heads, fusion_points, depth - 1, tokens=fusion_tokens,
-                                  weighting=fusion_weighting, gate_init=fusion_gate_init, text=text) if amff else None
-        self.global_neck = BNNeck(D, C)
-        if parts:
-            self.part_classifier = PartClassifier(D, P)
-            self.part_decoder = PartDecoder(D, P, part_heads, part_ffn_dim, part_depth)
-            self.visibility_head = VisibilityHead(P, D)
-            self.parts_neck = BNNeck(P * D, C)  # cat(parts): student, teacher and rebuilt parts share it
-            self.granularity_necks = PartNecks(P + 2, D, C)  # [decoder CLS, P parts, foreground]
-            self.foreground_neck = BNNeck(D, C)
-        self.amgd = AMGDLoss(D, P + 2, num_heads=part_heads, temperature=amgd_temperature) if amgd else None
-        if hpr:
-            pixels = 3 * patch_size * patch_size
-            self.patch_decoder = MAEDecoder(D, self.backbone.num_patches, pixels, hpr_dim, hpr_depth, hpr_heads,
-                                            num_prefix_tokens=1, normalize_input=True)  # M is not normalised
-        self.part_reconstructor = PartReconstructor(D, P, recon_dim, recon_depth, recon_heads) if part_recon else None
-        # the rebuilt parts' identity classifier: the student's (`shared`) or their own BNNeck (`own`)
-        self.recon_neck = BNNeck(P * D, C) if part_recon and recon_neck == "own" else None
-        self.camera_centering = self.teacher_centering = None
-        if camera_centering:  # slots: [g, decoder outputs (P + 2), foreground] and the teacher's [P + 2, foreground]
-            self.camera_centering = CameraCentering(num_cameras, 1 + (P + 3 if parts else 0), D, camera_momentum)
-            if parts and teacher_student:
-                self.teacher_centering = CameraCentering(num_cameras, P + 3, D, camera_momentum)
 
-    # -- construction helpers ----------------------------------------------------------------------------------
+    def _build_part_branch(self, D: int, C: int, P: int, heads: int, ffn_dim: int, depth: int) -> None:
+        """Pixel-to-part classifier, teacher-student part decoder, visibility head and the part branch's necks."""
+        self.part_classifier = PartClassifier(D, P)
+        self.part_decoder = PartDecoder(D, P, heads, ffn_dim, depth)
+        self.visibility_head = VisibilityHead(P, D)
+        self.parts_neck = BNNeck(P * D, C)  # cat(parts): student, teacher and rebuilt parts share it
+        self.granularity_necks = PartNecks(P + 2, D, C)  # [decoder CLS, P parts, foreground]
+        self.foreground_neck = BNNeck(D, C)
+
+    def _build_patch_decoder(self, D: int, patch_size: int, dim: int, depth: int, heads: int) -> None:
+        """HPR patch level: the MAE decoder from the masked view's memory to the pixels of every patch."""
+        pixels = 3 * patch_size * patch_size
+        self.patch_decoder = MAEDecoder(D, self.backbone.num_patches, pixels, dim, depth, heads,
+                                        num_prefix_tokens=1, normalize_input=True)  # M is not normalised
+
+    def _build_part_reconstruction(self, D: int, C: int, P: int, on: bool, dim: int, depth: int, heads: int,
+                                   neck: str) -> None:
+        """HPR part level: the part reconstructor and the rebuilt parts' identity classifier, the student's
+        (`shared`: None here) or their own BNNeck (`own`)."""
+        self.part_reconstructor = PartReconstructor(D, P, dim, depth, heads) if on else None
+        self.recon_neck = BNNeck(P * D, C) if on and neck == "own" else None
+
+    def _build_camera_centering(self, on: bool, num_cameras: int, D: int, P: int, parts: bool, teacher_student: bool,
+                                momentum: float) -> None:
+        """Slots: [g, decoder outputs (P + 2), foreground] and the teacher's [P + 2, foreground]; None when off."""
+        self.camera_centering = self.teacher_centering = None
+        if on:
+            self.camera_centering = CameraCentering(num_cameras, 1 + (P + 3 if parts else 0), D, momentum)
+            if parts and teacher_student:
+                self.teacher_centering = CameraCentering(num_cameras, P + 3, D, momentum)
+
     @staticmethod
     def _check_switches(amff, text, parts, teacher_student, amgd, hpr, part_recon, num_classes) -> None:
         needs = {"teacher_student": ("parts", parts), "amgd": ("teacher_student", teacher_student),
@@ -272,7 +303,7 @@ class AMFOR(nn.Module):
         patch embedding [B, N, D] when already computed (the two views share it)  ->  M [B, 1 + N', D] with
         N' = K or N.
         """
-        x = self.embed(images, camids, index, patches)
+        x = self.backbone.embed(images, camids, index, seen=self.cameras_seen, patches=patches, check_index=False)
         fuse = self.fusion if fusion else None
         layers = [x]
         for k, blk in enumerate(self.backbone.blocks, start=1):
@@ -307,21 +338,6 @@ class AMFOR(nn.Module):
                                        check=False)
             part["teacher"], part["teacher_foreground"] = t[:, :-1], t[:, -1]
         return g, part
-
-    def embed(self, images: torch.Tensor, camids: torch.Tensor | None, index: torch.Tensor | None,
-              patches: torch.Tensor | None = None) -> torch.Tensor:
-        """x_0 [B, 1 + N', D]: CLS + (kept) patch tokens with their position embedding, + camera embedding."""
-        vit = self.backbone
-        patches = vit.patch_tokens(images) if patches is None else patches
-        pos = vit.pos_embed[0]
-        if index is None:
-            tokens = patches + pos[1:]
-        else:
-            tokens = masked_gather(patches, index, pos[1:], check_index=False)
-        cls = (vit.cls_token[0] + pos[:1]).expand(images.shape[0], 1, -1)
-        x = torch.cat([cls, tokens], dim=1)
-        sie = vit.camera_embedding(camids, images.shape[0], self.cameras_seen)
-        return vit.pos_drop(x if sie is None else x + sie)
 
     # -- part branch -----------------------------------------------------------------------------------------------
     def forward_parts(self, M: torch.Tensor, G: torch.Tensor, teacher: bool) -> dict[str, torch.Tensor]:

@@ -5,6 +5,10 @@ on the ny x nx grid (ny = (H - p) // s + 1), side information embedding (one lea
 by `sie_coef`) added to all tokens, timm `Block`s 1..depth-1 producing the shared memory M, and a separate
 copy of block `depth` plus the final LayerNorm producing the global branch G (g = G[:, 0]).
 
+The backbone owns its embedding, as timm's ViT its `_pos_embed`: `embed(images, camids, index)` builds the input
+tokens (all patches, or with a kept-token index only the kept ones, through `masked_gather`); the AMFOR model and
+its masked view read the tokens from there, never `pos_embed` itself.
+
 Weights load with `ReIDViT.load_pretrained` from timm, TransReID, CLIP / CLIP-ReID, DINO-family (PASS,
 TransReID-SSL, PersonViT), MAE (HAP) and MoCo v3 checkpoints: `amfor/models/weights.py` reads and converts them.
 """
@@ -27,6 +31,8 @@ from amfor.models.weights import (  # noqa: F401  (re-exported: the loading API 
     infer_grid,
     load_state_dict_file,
 )
+from amfor.nn.masked_vit import embed_tokens
+from amfor.nn.patch_grid import grid_size
 
 
 class ReIDViT(nn.Module):
@@ -60,7 +66,7 @@ class ReIDViT(nn.Module):
         self.patch_size, self.stride, self.in_chans = patch_size, stride, in_chans
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
         self.num_prefix_tokens, self.num_cameras, self.sie_coef = 1, num_cameras, sie_coef
-        self.grid_size = tuple((s - patch_size) // stride + 1 for s in self.img_size)
+        self.grid_size = grid_size(self.img_size, patch_size, stride)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim)
@@ -124,14 +130,22 @@ class ReIDViT(nn.Module):
         known = camids >= 0 if seen is None else (camids >= 0) & seen[cams]
         return self.sie_coef * torch.where(known[:, None, None], table[cams], mean)
 
-    def embed(self, x: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
-        """Tokens x_0 [B, 1 + N, D] = cat(CLS, patches) + pos_embed (+ camera embedding), after pos_drop."""
-        x = self.patch_tokens(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        sie = self.camera_embedding(camids, x.shape[0])
-        if sie is not None:
-            x = x + sie
-        return self.pos_drop(x)
+    def embed(self, x: torch.Tensor, camids: torch.Tensor | None = None, index: torch.Tensor | None = None, *,
+              seen: torch.Tensor | None = None, patches: torch.Tensor | None = None,
+              check_index: bool = True) -> torch.Tensor:
+        """The input tokens x_0 [B, 1 + N', D]: CLS and the patch tokens with their position embedding, plus the
+        camera embedding (`camera_embedding(camids, B, seen)`), after pos_drop (timm's `_pos_embed`).
+
+        x: images [B, in_chans, H, W]; index: [B, K] kept patch numbers (the masked view: only they are embedded,
+        through `masked_gather`; N' = K) or None (all: N' = N); patches: the images' patch embedding [B, N, D]
+        when already computed (`patch_tokens`: a full and a masked view share it); check_index=False skips the
+        value check of `index` (a host sync), for indices the caller made.
+        """
+        patches = self.patch_tokens(x) if patches is None else patches
+        pos = self.pos_embed[0]
+        x = embed_tokens(patches, pos[1:], self.cls_token, pos[:1], index, check_index=check_index)
+        sie = self.camera_embedding(camids, x.shape[0], seen)
+        return self.pos_drop(x if sie is None else x + sie)
 
     def forward_intermediates(self, x: torch.Tensor, camids: torch.Tensor | None = None) -> list[torch.Tensor]:
         """[x_0, x_1, ..., x_{depth-1}], each [B, 1 + N, D]: x_0 = embed(x), x_i after shared block i."""

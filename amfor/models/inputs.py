@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from amfor.utils.ranges import out_of_range
+
 UNKNOWN_CAMERA = -1
 
 
@@ -47,13 +49,6 @@ def check_maps(batch: int, size: tuple[int, int], **maps: torch.Tensor | None) -
         if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (batch, H, W)):
             raise ValueError(f"{name} must be [B, H, W] = [{batch}, {H}, {W}], got "
                              f"{list(getattr(t, 'shape', [])) or type(t).__name__}")
-
-
-def out_of_range(t: torch.Tensor, low: int, high: int) -> tuple[int, int] | None:
-    """(min, max) of t if some value lies outside [low, high), else None: one host sync, min/max only on failure."""
-    if t.numel() == 0 or not bool(((t < low) | (t >= high)).any()):
-        return None
-    return int(t.min()), int(t.max())
 
 
 def check_ranges(pids: torch.Tensor | None, num_classes: int, camids: torch.Tensor | None, num_cameras: int,

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from amfor.data.transforms import REID_MEAN, REID_STD
 from amfor.models.amfor import AMFOR
+from amfor.schema import REID_MEAN, REID_STD
 
 _MODELS: dict[str, Callable[..., AMFOR]] = {}
 

@@ -8,7 +8,8 @@ mask token (`masked_scatter`).
 
 `masked_forward_features` equals timm's own sequence (patch embedding, `_pos_embed`, a gather of the kept
 tokens, the blocks, the final norm) exactly, without adding position embeddings to the dropped tokens or ever
-materialising the full token sequence.
+materialising the full token sequence. `embed_tokens` is that embedding step, shared with amfor's own backbone
+(`ReIDViT.embed`, which `masked_forward_features` calls for a ReIDViT).
 """
 
 from __future__ import annotations
@@ -27,26 +28,49 @@ def _check_vit(vit: nn.Module) -> None:
         raise ValueError("masked_forward_features needs a fixed image size (dynamic_img_size=False)")
 
 
+def embed_tokens(patches: torch.Tensor, patch_pos: torch.Tensor | None, prefix: torch.Tensor | None = None,
+                 prefix_pos: torch.Tensor | None = None, index: torch.Tensor | None = None, *,
+                 check_index: bool = True) -> torch.Tensor:
+    """A ViT's input tokens with their position embedding, all patches or the kept ones only (the masked view).
+
+    patches: the patch embedding [B, N, D] (no position yet); patch_pos: its position embedding [N, D] or None;
+    prefix: the learned prefix tokens (CLS, registers) [1, P, D] or None, prefix_pos: theirs [P, D] or None;
+    index: [B, K] kept patch numbers (prefix excluded) or None (all N)  ->  [B, P + N', D] (N' = K or N): the
+    prefix tokens, then the patches (in `index` order, gathered with `masked_gather`: no position is added to a
+    dropped patch and the full sequence is never built). check_index=False skips the value check of `index` (a
+    host sync), for indices the caller made.
+    """
+    if index is None:
+        tokens = patches if patch_pos is None else patches + patch_pos
+    else:
+        tokens = masked_gather(patches, index, patch_pos, check_index=check_index)
+    if prefix is None:
+        return tokens
+    prefix = prefix if prefix_pos is None else prefix + prefix_pos
+    return torch.cat([prefix.expand(patches.shape[0], -1, -1), tokens], dim=1)
+
+
 def masked_forward_features(vit: nn.Module, images: torch.Tensor, index: torch.Tensor, *,
                             check_index: bool = True) -> torch.Tensor:
     """timm ViT `forward_features` on the kept patches: images [B, C, H, W], index [B, K] (patch numbers, prefix
     tokens excluded)  ->  [B, P + K, D] (prefix tokens first, then the kept patches in `index` order).
     check_index=False skips the value check of `index` (a host sync): for indices the caller made, e.g. with
-    `random_masking`."""
+    `random_masking`. A backbone with its own `embed(images, index=...)` (amfor's `ReIDViT`) is asked for its
+    tokens; a timm ViT's are built here from its parts, as its `_pos_embed` does."""
+    if hasattr(vit, "embed") and hasattr(vit, "last_block"):  # amfor's ReIDViT: it owns its embedding
+        x = vit.embed(images, index=index, check_index=check_index)
+        for blk in vit.blocks:
+            x = blk(x)
+        return vit.norm(vit.last_block(x))
     _check_vit(vit)
-    x = vit.patch_embed(images)  # [B, N, D]
-    B, P = x.shape[0], vit.num_prefix_tokens
+    P = vit.num_prefix_tokens
     pos = vit.pos_embed[0] if vit.pos_embed is not None else None
     no_embed_class = getattr(vit, "no_embed_class", False)
     patch_pos = pos if (pos is None or no_embed_class) else pos[P:]
-    kept = masked_gather(x, index, patch_pos, check_index=check_index)
-    prefix = [t.expand(B, -1, -1) for t in (getattr(vit, "cls_token", None), getattr(vit, "reg_token", None))
-              if t is not None]
-    if prefix:
-        prefix = torch.cat(prefix, dim=1)
-        if pos is not None and not no_embed_class:
-            prefix = prefix + pos[:P]
-        kept = torch.cat([prefix, kept], dim=1)
+    prefix_pos = None if (pos is None or no_embed_class) else pos[:P]
+    prefix = [t for t in (getattr(vit, "cls_token", None), getattr(vit, "reg_token", None)) if t is not None]
+    prefix = torch.cat(prefix, dim=1) if prefix else None
+    kept = embed_tokens(vit.patch_embed(images), patch_pos, prefix, prefix_pos, index, check_index=check_index)
     x = vit.norm_pre(vit.pos_drop(kept)) if hasattr(vit, "norm_pre") else vit.pos_drop(kept)
     for blk in vit.blocks:
         x = blk(x)

@@ -220,7 +220,7 @@ def _loss_calls(tier, decoder, vit):
          "losses/reconstruction.py"),
         ("parsing_loss", lambda c: parsing_loss(f(torch.randn(4, 6, 5)), f(torch.randint(-1, 5, (4, 6))), check=c),
          "losses/parsing.py"),
-        ("mask_to_token_fractions", lambda c: mask_to_token_fractions(mask, 16, 16, 5, check=c), "losses/parsing.py"),
+        ("mask_to_token_fractions", lambda c: mask_to_token_fractions(mask, 16, 16, 5, check=c), "nn/patch_grid.py"),
         ("MAEDecoder", lambda c: decoder(latent, index, check_index=c), "nn/masked_vit.py"),
         ("masked_forward_features", lambda c: masked_forward_features(vit, images, index, check_index=c),
          "nn/masked_vit.py"),

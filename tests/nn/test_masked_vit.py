@@ -57,3 +57,21 @@ def test_decoder_puts_the_mask_token_where_nothing_was_kept():
     withheld = [4, 6]
     torch.testing.assert_close(out[0, withheld], out[1, withheld])
     assert not torch.allclose(out[0, 0], out[1, 0])
+
+
+def test_masked_forward_features_of_a_reid_vit_uses_its_own_embedding():
+    """amfor's ReIDViT owns its embedding (camera embedding, last block): the masked features are its global
+    branch on the kept tokens, and with every patch kept its `forward_features` global branch."""
+    from amfor.models.backbone import ReIDViT
+
+    torch.manual_seed(0)
+    vit = ReIDViT(img_size=(64, 32), patch_size=16, stride=12, embed_dim=32, depth=3, num_heads=2,
+                  num_cameras=2, drop_path_rate=0.0).eval()
+    images, N = torch.randn(2, 3, 64, 32), vit.num_patches
+    full = masked_forward_features(vit, images, torch.arange(N).expand(2, N))
+    torch.testing.assert_close(full, vit.forward_features(images)[1])
+    index, _ = random_masking(2, N, 3)
+    x = vit.embed(images, index=index)
+    for blk in vit.blocks:
+        x = blk(x)
+    torch.testing.assert_close(masked_forward_features(vit, images, index), vit.norm(vit.last_block(x)))
