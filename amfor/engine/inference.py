@@ -12,9 +12,13 @@ from .checkpoint import load_checkpoint, load_model_state
 
 
 def config_of(state: dict, path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """The checkpoint's config, then an optional YAML file, then overrides (pretrained weights not reloaded)."""
+    """The checkpoint's config, then an optional YAML file, then overrides. Pretrained files are not read again: the
+    checkpoint holds the backbone and the text tower (with the text bank), so a trained model evaluates and exports
+    after its ImageNet or CLIP files have gone."""
     cfg = build_config(path, overrides, base=state["config"])
     cfg.model.pretrained = None
+    if cfg.model.kwargs.get("clip_weights") is not None:
+        cfg.model.kwargs.clip_weights = None
     return cfg
 
 
