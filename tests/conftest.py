@@ -1,5 +1,6 @@
 """Test-wide settings: without a GPU, Triton kernels run on the CPU interpreter (must be set before import)."""
 
+import logging
 import os
 
 import pytest
@@ -17,3 +18,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _amfor_logger_restored():
+    """A command run in-process (`train.main`) points the "amfor" logger at its own handlers and stops it
+    propagating; put it back after each test, so a later test's `caplog` sees the library's log lines."""
+    log = logging.getLogger("amfor")
+    propagate, level, handlers = log.propagate, log.level, list(log.handlers)
+    yield
+    for handler in [h for h in log.handlers if h not in handlers]:
+        log.removeHandler(handler)
+        handler.close()
+    log.propagate, log.level = propagate, level
