@@ -23,7 +23,7 @@ import torch
 
 from amfor.engine.evaluation import TEST_PAIRS, VAL_PAIRS, evaluate
 from amfor.engine.inference import load_for_inference
-from amfor.engine.runner import build_data
+from amfor.engine.build import build_data
 
 
 class UnknownCameras(torch.nn.Module):
