@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from amfor.engine.build import build_data
 from amfor.engine.evaluation import TEST_PAIRS, VAL_PAIRS, evaluate
 from amfor.engine.inference import load_for_inference
-from amfor.engine.build import build_data
 
 
 class UnknownCameras(torch.nn.Module):
