@@ -24,7 +24,6 @@ from amfor.ops import use_backend
 OPS = ("masked_gather", "masked_scatter", "query_fusion_attention", "distill_kl_loss")
 # module -> the ops it imports by name from amfor.ops (the model calls them under these names)
 SITES = {
-    "amfor.models.amfor": ("masked_gather",),
     "amfor.nn.masked_vit": ("masked_gather", "masked_scatter"),
     "amfor.nn.patch_dropout": ("masked_gather",),
     "amfor.nn.query_fusion": ("query_fusion_attention",),
