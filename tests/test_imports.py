@@ -46,7 +46,7 @@ def test_the_block_refuses_the_model_stack():
     `amfor.create_model` fails only when it is used, naming the missing package."""
     proc = _run_blocked("""
 import amfor
-for name in ("amfor.models", "amfor.engine.step_costs"):
+for name in ("amfor.models", "amfor.engine.runner"):
     try:
         __import__(name)
     except ImportError as exc:

@@ -1,6 +1,6 @@
 """Timing several steps together: each in turn, round after round, in reverse order every other round.
 
-Used by the benchmarks (`benchmarks.common`) and by `amfor.engine.step_costs`; standard library only, so that the
+Used by the benchmarks (`benchmarks.common`) and by `projects.ablation.step_costs`; standard library only, so that the
 op benchmarks import on a machine without the model stack's packages.
 """
 
