@@ -15,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKED = ("open_clip", "omegaconf", "ftfy", "timm", "matplotlib")
-# Put first on sys.meta_path in the subprocess: any import of a blocked package (or of a module inside one) fails.
+# Put first on sys.meta_path in the subprocess: any import of a blocked package (or of a module inside one) fails
+# with ModuleNotFoundError, as on a machine without it (pytest.importorskip skips only on that one).
 BLOCKER = """
 import importlib.abc, sys
 class _Blocked(importlib.abc.MetaPathFinder):
@@ -23,7 +24,7 @@ class _Blocked(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] in BLOCKED:
             self.attempts.append(name)
-            raise ImportError(f"{name} is blocked (not installed on the lent machine)", name=name)
+            raise ModuleNotFoundError(f"{name} is blocked (not installed on the lent machine)", name=name)
 sys.meta_path.insert(0, _Blocked())
 """
 LIGHT_MODULES = ("amfor", "amfor.ops", "amfor.nn", "amfor.testing", "amfor.utils.timing", "amfor.evaluation",
