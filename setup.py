@@ -169,12 +169,11 @@ def _build_command(cpp_extension, torch):
 def _extensions():
     """The `amfor._C` extension and its build command, or nothing when torch is not importable."""
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         print("amfor: torch is not installed; building without the amfor._C extension", file=sys.stderr)
         return [], {}
-    want_cuda, reason = _cuda_plan()
-    import torch
+    want_cuda, reason = _cuda_plan()  # before cpp_extension's import, which reads CUDA_HOME once
     from torch.utils import cpp_extension
     ext = None
     if want_cuda:
