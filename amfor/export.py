@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from .cli import USER_ERRORS, prog_name, report
-from .engine.export import FORMATS, export
-from .engine.inference import load_for_inference
+from .deploy.export import FORMATS, export
+from .deploy.load import load_for_inference
 from .extras import require
 
 

@@ -17,14 +17,14 @@ from datetime import datetime
 from pathlib import Path
 
 from .cli import USER_ERRORS, prog_name, report
-from .engine import distributed as du
+from .deploy.load import config_of, load_trained_model
 from .engine.build import amp_dtype, build_data, log_to_file, make_dirs, remove_made, setup_logging
 from .engine.checkpoint import load_checkpoint
 from .engine.data import auto_num_workers
-from .engine.evaluation import format_table
-from .engine.inference import config_of, load_trained_model
 from .engine.runner import run_test
+from .evaluation.protocol import format_table
 from .train import common_args, overrides_of
+from .utils import distributed as du
 
 
 def main(argv: list[str] | None = None) -> int:

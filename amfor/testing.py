@@ -103,7 +103,7 @@ class OpInputError(AssertionError):
 
 
 def _call_site(depth: int = 3) -> str:
-    """The innermost amfor frames below the tier, innermost first ("amfor/losses/identity.py:24 in out_of_range
+    """The innermost amfor frames below the tier, innermost first ("amfor/utils/ranges.py:13 in out_of_range
     <- amfor/losses/identity.py:35 in identity_loss <- ..."), else the caller's frame."""
     import traceback
 

@@ -2,12 +2,18 @@
 
 import logging
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# tests/support: the stand-in model (`standin_model:create_standin`) and the CLI runner (`cli_runs`), importable by
+# name here and, through cli_runs.cli_env's PYTHONPATH, in the commands the tests start
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,3 +37,13 @@ def _amfor_logger_restored():
         log.removeHandler(handler)
         handler.close()
     log.propagate, log.level = propagate, level
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """A data root holding the tiny synthetic dataset (generated once per session)."""
+    from amfor.data import build_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    build_dataset("synthetic", str(root), size="tiny")
+    return root

@@ -1,4 +1,4 @@
-"""Training engine: the loop with hooks, optimisers and schedule, checkpoints, distributed helpers, evaluation."""
+"""Training engine: the loop with hooks, optimisers and schedule, checkpoints, and the building and running of a run."""
 
 from .build import build_model
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint

@@ -28,7 +28,7 @@ from .. import config as C
 from ..data import build_dataset
 from ..data.records import ReIDData
 from ..extras import require
-from . import distributed as du
+from ..utils import distributed as du
 from .checkpoint import CheckpointError
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as du
+from ..utils import distributed as du
 from .trainer import HookBase
 
 logger = logging.getLogger("amfor.train")

@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 from .. import config as C
 from ..data import resolve_data_config
 from ..data.records import ReIDData
-from . import distributed as du
+from ..evaluation.protocol import TEST_PAIRS, VAL_PAIRS, evaluate, extract, format_table
+from ..utils import distributed as du
 from .build import (
     amp_dtype,
     build_data,
@@ -33,7 +34,6 @@ from .build import (
 )
 from .checkpoint import load_checkpoint, load_model_state, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .data import auto_num_workers, build_epoch_loader
-from .evaluation import TEST_PAIRS, VAL_PAIRS, evaluate, extract, format_table
 from .hooks import BudgetHook, CheckpointHook, EvalHook, LoggerHook, MetricsLog
 from .optim import WarmupCosine, build_stage1_optimizer, build_stage2_optimizer
 from .trainer import Stage1Trainer, Stage2Trainer

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from . import distributed as du
+from ..utils import distributed as du
 
 
 class NonFiniteLossError(FloatingPointError):

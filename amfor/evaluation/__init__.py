@@ -1,4 +1,7 @@
-"""Evaluation: distances, Market-1501 protocol metrics (CMC/mAP/mINP), re-ranking and result pictures."""
+"""Evaluation: distances, Market-1501 protocol metrics (CMC/mAP/mINP), re-ranking and result pictures.
+
+`amfor.evaluation.protocol` runs the protocol on a model and a dataset's splits (extraction on every rank, metrics on
+rank 0); it needs the data stack, so it is imported by name, not here."""
 
 from .distances import global_distance, pairwise_distance, part_distance
 from .features import evaluate_features, extract_features, flip_average

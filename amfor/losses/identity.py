@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amfor.utils.ranges import out_of_range
+
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """Accumulation dtype: half and bfloat16 tensors as float32, float32 and float64 as they are."""
@@ -17,16 +19,6 @@ def check_pids(pids: torch.Tensor, batch: int, name: str = "pids") -> None:
     if not isinstance(pids, torch.Tensor) or pids.shape != (batch,) or pids.is_floating_point() or pids.is_complex():
         raise ValueError(f"{name} must be an integer tensor of shape [{batch}], got "
                          f"{getattr(pids, 'dtype', type(pids).__name__)} {list(getattr(pids, 'shape', []))}")
-
-
-def out_of_range(t: torch.Tensor, low: int, high: int) -> tuple[int, int] | None:
-    """(min, max) of t if some value lies outside [low, high), else None: one host sync, min/max only on failure.
-
-    Nothing is read (None) under torch.compile: a host read there would break the graph.
-    """
-    if t.numel() == 0 or torch.compiler.is_compiling() or not bool(((t < low) | (t >= high)).any()):
-        return None
-    return int(t.min()), int(t.max())
 
 
 def identity_loss(logits: torch.Tensor, pids: torch.Tensor, label_smoothing: float = 0.0, *,

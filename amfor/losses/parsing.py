@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amfor.losses.identity import out_of_range, upcast
+from amfor.losses.identity import upcast
 from amfor.nn.patch_grid import (  # noqa: F401  (re-exported: they used to live here)
     IGNORE,
     mask_to_token_fractions,
     mask_to_tokens,
     token_part_counts,
 )
+from amfor.utils.ranges import out_of_range
 
 
 def parsing_loss(token_logits: torch.Tensor, token_targets: torch.Tensor,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from amfor.deploy.load import load_for_inference
 from amfor.engine.build import build_data
-from amfor.engine.evaluation import TEST_PAIRS, VAL_PAIRS, evaluate
-from amfor.engine.inference import load_for_inference
+from amfor.evaluation.protocol import TEST_PAIRS, VAL_PAIRS, evaluate
 
 
 class UnknownCameras(torch.nn.Module):

@@ -129,7 +129,7 @@ def test_loaders_and_extraction_normalise_as_the_models_pretrained_cfg_says(tmp_
     """Size, mean, std and interpolation come from the model's `pretrained_cfg`, in the loaders and in feature
     extraction; a model without one gets the ReID defaults (mean = std = 0.5) at its input size."""
     from amfor.data import resolve_data_config
-    from amfor.engine.evaluation import extract
+    from amfor.evaluation.protocol import extract
 
     colours = [(255, 0, 51), (102, 204, 0)]
     records = flat_images(tmp_path, colours)

@@ -12,7 +12,7 @@ from PIL import Image
 from amfor.config import ConfigError, build_config
 from amfor.data import ImageRecord, ReIDData
 from amfor.engine.build import count_cameras
-from amfor.engine.evaluation import extract
+from amfor.evaluation.protocol import extract
 
 
 def dataset(name: str, cams: dict[str, list[int]]) -> ReIDData:

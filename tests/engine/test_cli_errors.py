@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from cli_runs import run_cli
 from PIL import Image
 
 import amfor

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import standin_overrides
+from cli_runs import standin_overrides
 from standin_model import StandIn
 
 import amfor.engine

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_jsonl, run_cli
+from cli_runs import read_jsonl, run_cli
 from torch import nn
 
 from amfor.config import DEMO_SWITCHES, build_config

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import cli_env, load_weights, read_jsonl, run_cli, standin_overrides, without_timing
+from cli_runs import cli_env, load_weights, read_jsonl, run_cli, standin_overrides, without_timing
 
 from amfor.engine.checkpoint import CheckpointError, load_checkpoint
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from conftest import standin_overrides
+from cli_runs import standin_overrides
 from standin_model import StandIn
 
 from amfor.config import build_config
-from amfor.engine import distributed as du
 from amfor.engine.runner import Run
+from amfor.utils import distributed as du
 
 
 class DropoutFeatures(StandIn):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import load_weights, read_jsonl, standin_overrides
+from cli_runs import load_weights, read_jsonl, standin_overrides
 
 from amfor.config import build_config
 from amfor.engine import HookBase, NonFiniteLossError, TrainerBase, load_checkpoint, train

@@ -250,7 +250,7 @@ def test_too_many_syncs_fail_naming_where_each_happened():
 
     with fake_tensors("cpu") as tier:
         identity_loss(tier.tensor(torch.randn(4, 5)), tier.tensor(torch.tensor([0, 1, 2, 3])))
-        with pytest.raises(HostSyncError, match=r"(?s)1 times \(at most 0 allowed\).*amfor/losses/identity.py:\d+ in "
+        with pytest.raises(HostSyncError, match=r"(?s)1 times \(at most 0 allowed\).*amfor/utils/ranges.py:\d+ in "
                                                 r"out_of_range <- amfor/losses/identity.py:\d+ in identity_loss"):
             tier.assert_syncs(0, "the loss")
 

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import load_weights, read_jsonl, run_cli, standin_overrides
+from cli_runs import load_weights, read_jsonl, run_cli, standin_overrides
 
-from amfor.engine import distributed as du
+from amfor.utils import distributed as du
 
 
 def test_shards_cover_in_order():

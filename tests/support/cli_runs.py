@@ -1,4 +1,6 @@
-"""Shared fixtures of the engine tests: the tiny synthetic dataset, stand-in run settings, a CLI runner."""
+"""What the run-level tests share: stand-in run settings and a CLI runner with the stand-in importable.
+
+The tiny synthetic dataset is the `tiny_root` fixture of tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -9,21 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # standin_model, importable by name in this process and (PYTHONPATH) in subprocesses
-
-
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory) -> Path:
-    """A data root holding the tiny synthetic dataset (generated once per session)."""
-    from amfor.data import build_dataset
-
-    root = tmp_path_factory.mktemp("data")
-    build_dataset("synthetic", str(root), size="tiny")
-    return root
 
 
 def standin_overrides(root: Path, **extra) -> list[str]:

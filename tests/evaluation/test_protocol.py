@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import standin_overrides
+from cli_runs import standin_overrides
 from standin_model import StandIn
 
 from amfor.config import build_config
 from amfor.engine.build import build_data
-from amfor.engine.evaluation import TEST_PAIRS, VAL_PAIRS, evaluate, format_table
+from amfor.evaluation.protocol import TEST_PAIRS, VAL_PAIRS, evaluate, format_table
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A trained model back from a checkpoint, for evaluation (`amfor.test`) and export (`amfor.export`)."""
+"""A trained model back from a checkpoint, for evaluation (`amfor.test`), export (`amfor.export`) and extraction."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..config import build_config
-from .checkpoint import load_checkpoint, load_model_state
+from ..engine.checkpoint import load_checkpoint, load_model_state
 
 
 def config_of(state: dict, path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -25,7 +25,7 @@ def config_of(state: dict, path: str | Path | None = None, overrides: list[str] 
 def load_trained_model(state: dict, cfg: DictConfig, device: torch.device | str = "cpu",
                        path: str | Path = "checkpoint") -> torch.nn.Module:
     """The checkpoint's model in eval mode: built with its classes and cameras, text bank made, weights loaded."""
-    from .build import build_model
+    from ..engine.build import build_model
 
     model = build_model(cfg, int(state["num_classes"]), int(state["num_cameras"]))
     if state.get("stage1_finished", True):

@@ -17,9 +17,12 @@ import torch
 
 from ..data import build_test_loader, resolve_data_config
 from ..data.records import ImageRecord, ReIDData
-from ..evaluation import evaluate_features, evaluate_rank, flip_average, plot_cmc, ranked_lists, re_ranking
-from ..evaluation.distances import pairwise_distance
-from . import distributed as du
+from ..utils import distributed as du
+from .distances import pairwise_distance
+from .features import evaluate_features, flip_average
+from .rank import evaluate_rank
+from .reranking import re_ranking
+from .visualize import plot_cmc, ranked_lists
 
 logger = logging.getLogger("amfor.train")
 

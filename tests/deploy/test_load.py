@@ -1,7 +1,7 @@
 """A trained model loads for evaluation and export without the pretrained files it started from."""
 
 from amfor.config import build_config
-from amfor.engine.inference import config_of
+from amfor.deploy.load import config_of
 
 
 def test_the_checkpoint_config_reads_no_pretrained_file_again(tmp_path):

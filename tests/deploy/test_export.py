@@ -1,4 +1,4 @@
-"""amfor.engine.export on the stand-in: ONNX and torch.export with parity, dynamic batch, no custom op."""
+"""amfor.deploy.export on the stand-in: ONNX and torch.export with parity, dynamic batch, no custom op."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from standin_model import StandIn
 
-from amfor.engine.export import custom_ops_in, export
+from amfor.deploy.export import custom_ops_in, export
 
 
 def test_torch_export_parity_and_spec(tmp_path):
