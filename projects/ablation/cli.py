@@ -23,6 +23,8 @@ import logging
 import sys
 from pathlib import Path
 
+from amfor.cli import USER_ERRORS
+from amfor.cli import report as report_error
 from amfor.config import ConfigError
 
 from .plan import load_budgets, load_results, make_plan, run_ablation, status_lines, stored_plan
@@ -78,9 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             print(write_report(stored_plan(plan), records, load_budgets(plan.output), report))
             return 0
         failures = run_ablation(plan, report)
-    except ConfigError as exc:
-        print(f"projects.ablation: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:  # a bad config, plan or budget file, a missing dataset or checkpoint: one line, exit 2
+        return report_error("projects.ablation", exc)
     except KeyboardInterrupt:
         print("projects.ablation: interrupted; the same command resumes the ablation", file=sys.stderr)
         return 130

@@ -228,6 +228,13 @@ def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_an_unreadable_results_file_is_one_line_with_exit_code_2(tmp_path, capsys):
+    (tmp_path / "results.jsonl").mkdir()  # an OSError, not a ConfigError: reported as the commands report it
+    assert main(["--report-only", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("projects.ablation: error: ") and "results.jsonl" in err and len(err.splitlines()) == 1
+
+
 # (6) ------------------------------------------------------------------------------------------------------
 def record(variant: str, seed: int, occ: float, whole: float = 0.5) -> dict:
     return {"variant": variant, "seed": seed, "steps": 100, "img_s": 10.0 + seed, "epochs": 2.0,
