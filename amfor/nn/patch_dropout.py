@@ -62,7 +62,7 @@ def apply_patch_dropout(vit: nn.Module, prob: float) -> nn.Module:
     except ViTLayoutError:
         raise layout_error(vit, "apply_patch_dropout (no timm `patch_drop` either)") from None
     if parts.drop_site == "patch_drop":
-        vit.patch_drop = PatchDropout(prob, num_prefix_tokens=getattr(vit, "num_prefix_tokens", 1))
+        vit.patch_drop = PatchDropout(prob, num_prefix_tokens=getattr(vit, "num_prefix_tokens", 1)).train(vit.training)
         return vit
     if parts.drop_site is None:
         raise ViTLayoutError(f"apply_patch_dropout: {type(vit).__name__} has no `pos_drop` (or CLIP `ln_pre`) to put "
@@ -70,7 +70,7 @@ def apply_patch_dropout(vit: nn.Module, prob: float) -> nn.Module:
     old = getattr(vit, "patch_dropout", None)
     if isinstance(old, HookedPatchDropout):
         old.handle.remove()
-    drop = HookedPatchDropout(prob, num_prefix_tokens=parts.num_prefix_tokens)
+    drop = HookedPatchDropout(prob, num_prefix_tokens=parts.num_prefix_tokens).train(vit.training)  # the model's mode
     drop.handle = getattr(vit, parts.drop_site).register_forward_hook(drop.hook)
     vit.patch_dropout = drop
     return vit
