@@ -67,11 +67,12 @@ def apply_patch_dropout(vit: nn.Module, prob: float) -> nn.Module:
     if parts.drop_site is None:
         raise ViTLayoutError(f"apply_patch_dropout: {type(vit).__name__} has no `pos_drop` (or CLIP `ln_pre`) to put "
                              f"patch dropout after")
-    old = getattr(vit, "patch_dropout", None)
-    if isinstance(old, HookedPatchDropout):
-        old.handle.remove()
+    site = getattr(vit, parts.drop_site)
+    for key, hook in list(site._forward_hooks.items()):  # a previous call's hook (found by its owner: deepcopy-safe)
+        if isinstance(getattr(hook, "__self__", None), HookedPatchDropout):
+            del site._forward_hooks[key]
     drop = HookedPatchDropout(prob, num_prefix_tokens=parts.num_prefix_tokens).train(vit.training)  # the model's mode
-    drop.handle = getattr(vit, parts.drop_site).register_forward_hook(drop.hook)
+    site.register_forward_hook(drop.hook)
     vit.patch_dropout = drop
     return vit
 
@@ -82,7 +83,7 @@ class HookedPatchDropout(PatchDropout):
 
     def __init__(self, prob: float, num_prefix_tokens: int) -> None:
         super().__init__(prob, num_prefix_tokens)
-        self.enabled, self.handle = True, None
+        self.enabled = True
 
     def hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         return self(output) if self.enabled else output

@@ -178,6 +178,8 @@ class ViTParts:
         """
         vit = self.vit
         if self.family == "amfor":
+            if view_id is not None or cv_emb is not None:
+                raise ValueError("amfor's ReIDViT takes its side information as camera_id (its camids) only")
             with _patch_dropout(vit, drop_patches):
                 return vit.embed(images, camera_id, index=index, check_index=check_index)
         if self.family == "timm" and getattr(vit, "dynamic_img_size", False):
@@ -248,7 +250,7 @@ def _patch_dropout(vit: nn.Module, on: bool):
         drop.enabled = True
 
 
-def _model_grid(vit: nn.Module, family: str, num_positions: int) -> tuple[int, int]:
+def _model_grid(vit: nn.Module, num_positions: int) -> tuple[int, int]:
     """(ny, nx) the position embedding was made for: the patch embedding's (timm `grid_size`, TransReID / PASS
     `num_y`, `num_x`), CLIP-ReID's `h_resolution`, `w_resolution`, else a square of the positions."""
     pe = getattr(vit, "patch_embed", None)
@@ -274,7 +276,7 @@ def describe_vit(vit: nn.Module) -> ViTParts:
     if not _missing(vit, CLIP) and not hasattr(vit, "pos_embed"):
         pos = vit.positional_embedding
         num = (pos.shape[-2] if pos.dim() == 3 else pos.shape[0]) - 1
-        return ViTParts("clip", vit, 1, vit.class_embedding.shape[-1], _model_grid(vit, "clip", num),
+        return ViTParts("clip", vit, 1, vit.class_embedding.shape[-1], _model_grid(vit, num),
                         list(vit.transformer.resblocks), True, getattr(vit, "ln_post", nn.Identity()), "ln_pre")
     if _missing(vit, TOKEN_FIRST):
         raise layout_error(vit)
@@ -284,8 +286,8 @@ def describe_vit(vit: nn.Module) -> ViTParts:
     P += 0 if timm else len(_part_token_names(vit))
     family = "timm" if timm else "transreid"
     num = vit.pos_embed.shape[1] if vit.pos_embed is not None else 0
-    grid = _model_grid(vit, family, num - P if _prefix_in_pos_embed(vit, family) else num)
+    grid = _model_grid(vit, num - P if _prefix_in_pos_embed(vit, family) else num)
     site = "patch_drop" if uses_timm_forward(vit) else ("pos_drop" if hasattr(vit, "pos_drop") else None)
-    dim = vit.pos_embed.shape[-1] if vit.pos_embed is not None else vit.cls_token.shape[-1]
+    dim = vit.pos_embed.shape[-1] if vit.pos_embed is not None else vit.embed_dim
     return ViTParts(family, vit, P, dim, grid, list(vit.blocks), False,
                     getattr(vit, "norm", nn.Identity()), site)

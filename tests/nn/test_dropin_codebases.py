@@ -5,7 +5,10 @@ TransReID and CLIP-ReID classes). Each stand-in below mirrors its codebase's att
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -398,3 +401,46 @@ def test_a_class_missing_a_part_gets_a_clear_error(model, absent):
         with pytest.raises(ValueError, match=name) as err:
             call()
         assert absent in str(err.value) and isinstance(err.value, ViTLayoutError)
+
+
+def test_patch_dropout_is_replaced_in_a_deep_copy_only():
+    """Re-applying on a copy (an EMA teacher, say) changes the copy's hook, not the original's."""
+    model = _randomize(TransReID())
+    apply_patch_dropout(model, 0.5)
+    twin = copy.deepcopy(model)
+    apply_patch_dropout(twin, 0.0)
+    model.train(), twin.train()
+    images = _images()
+    assert _block_input(model, lambda: model.forward_features(images, None, None)).shape[1] == 1 + 5
+    assert _block_input(twin, lambda: twin.forward_features(images, None, None)).shape[1] == 1 + 10
+
+
+def test_the_transreid_snippet_of_the_docs_runs():
+    """docs/drop-in.md, "A TransReID model in five lines", on the stand-in with SIE (3 cameras, 2 views), stride 12."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "drop-in.md").read_text()
+    block = text.split("## A TransReID model in five lines", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    vit = _randomize(TransReID(camera=3, view=2))
+    scope = {"model": SimpleNamespace(base=vit), "images": _images(), "cam_label": CAMS, "view_label": VIEWS}
+    exec(block, scope)  # noqa: S102 - the documented snippet itself
+    assert isinstance(vit.patch_dropout, nn.Module) and scope["index"].shape == (2, 10 // 4)
+    latent, index = scope["latent"], scope["index"]
+    torch.testing.assert_close(latent, masked_forward_features(vit, _images(), index, camera_id=CAMS, view_id=VIEWS))
+    assert latent.shape == (2, 1 + 2, D) and scope["feat"].shape == (2, D)
+    assert MAEDecoder.for_vit(vit, 3 * 16 * 16)(latent, index).shape == (2, 10, 3 * 16 * 16)
+
+
+def test_query_fusion_pool_on_amfors_own_backbone_reads_its_global_branch():
+    """ReIDViT: blocks then `last_block`; the last layer pooled is the global branch G (without CLS)."""
+    from amfor.models.backbone import ReIDViT
+
+    torch.manual_seed(0)
+    vit = ReIDViT(img_size=IMG, patch_size=16, stride=12, embed_dim=D, depth=3, num_heads=HEADS, num_cameras=2,
+                  drop_path_rate=0.0).eval()
+    apply_query_fusion_pool(vit, layers=(-2, -1))
+    seen = []
+    vit.query_fusion_pool.pool.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    cams = torch.tensor([1, 0])
+    assert query_fusion_features(vit, _images(), camera_id=cams).shape == (2, D)
+    memory, global_branch = vit.forward_features(_images(), cams)
+    torch.testing.assert_close(seen[0][1], global_branch[:, 1:])
+    torch.testing.assert_close(seen[0][0], vit.norm(memory)[:, 1:])
