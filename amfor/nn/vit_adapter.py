@@ -191,6 +191,9 @@ class ViTParts:
         if cv_emb is not None:
             if self.family != "clip":
                 raise ValueError("cv_emb is CLIP-ReID's side embedding; TransReID-style models take camera_id/view_id")
+            if tuple(cv_emb.shape) != (patches.shape[0], self.embed_dim):
+                raise ValueError(f"cv_emb must be [B, D] = [{patches.shape[0]}, {self.embed_dim}], "
+                                 f"got {list(cv_emb.shape)}")
             prefix = prefix.to(patches.dtype) + cv_emb[:, None]  # CLIP-ReID: x[:, 0] += cv_emb, before the positions
         x = embed_tokens(patches, patch_pos, prefix, prefix_pos, index, check_index=check_index)
         sie = self.side_embedding(x.shape[0], camera_id, view_id)

@@ -444,3 +444,11 @@ def test_query_fusion_pool_on_amfors_own_backbone_reads_its_global_branch():
     memory, global_branch = vit.forward_features(_images(), cams)
     torch.testing.assert_close(seen[0][1], global_branch[:, 1:])
     torch.testing.assert_close(seen[0][0], vit.norm(memory)[:, 1:])
+
+
+def test_side_information_of_the_wrong_kind_or_shape_is_named():
+    images = _images()
+    with pytest.raises(ValueError, match="cv_emb must be"):
+        masked_forward_features(_randomize(CLIPReIDVisual()), images, torch.tensor([[0], [1]]), cv_emb=CV_EMB[:1])
+    with pytest.raises(ValueError, match="camera_id/view_id"):
+        masked_forward_features(_randomize(TransReID(camera=3)), images, torch.tensor([[0], [1]]), cv_emb=CV_EMB)
