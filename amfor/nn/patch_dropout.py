@@ -1,4 +1,4 @@
-"""Patch dropout / MAE random masking for any timm ViT, on the fused masked_gather op."""
+"""Patch dropout / MAE random masking on masked_gather, for any ViT the adapter reads (timm, TransReID, CLIP...)."""
 
 from __future__ import annotations
 
