@@ -87,12 +87,25 @@ class _MultiLayerPool(nn.Module):
         return self.pool([self.norm(intermediates[k])[:, self.first_token:] for k in self.layers])
 
 
-def apply_query_fusion_pool(vit: nn.Module, layers: Sequence[int] | None = None) -> nn.Module:
-    """Give a timm ViT with `global_pool="map"` our pooling. layers=None: a drop-in for its `attn_pool` (same
+def apply_query_fusion_pool(vit: nn.Module, layers: Sequence[int] | None = None,
+                            num_heads: int | None = None) -> nn.Module:
+    """Give a ViT our pooling. layers=None: a drop-in for a timm ViT's `attn_pool` (`global_pool="map"`; same
     output); layers=(-3, -2, -1) etc.: `vit.forward_features` is unchanged and `query_fusion_features(vit, x)`
-    pools the tokens of those blocks at once, starting from the attn_pool's weights."""
+    pools the tokens of those blocks at once, from the attn_pool's weights when the model has one, otherwise a new
+    pool (one learned query, `num_heads` heads: default the blocks' own) on any ViT `describe_vit` reads
+    (TransReID, PASS, HAP, CLIP's visual ViT, amfor's ReIDViT). The pool reads the patch tokens after the final norm.
+    """
+    from amfor.nn.vit_adapter import describe_vit
+
     if getattr(vit, "attn_pool", None) is None:
-        raise TypeError(f"{type(vit).__name__} has no attn_pool: build the timm ViT with global_pool='map'")
+        if layers is None:
+            raise TypeError(f"{type(vit).__name__} has no attn_pool: build the timm ViT with global_pool='map', or "
+                            f"pass layers=(...) to pool the tokens of its blocks with a new pool")
+        parts = describe_vit(vit)
+        heads = num_heads or parts.num_heads or 1
+        multi = QueryFusionPool(parts.embed_dim, heads, 1, len(layers), norm_layer=nn.LayerNorm)
+        vit.query_fusion_pool = _MultiLayerPool(multi, layers, len(parts.blocks), parts.norm, parts.num_prefix_tokens)
+        return vit
     pool = vit.attn_pool if isinstance(vit.attn_pool, QueryFusionPool) else QueryFusionPool.from_timm(vit.attn_pool)
     if layers is None:
         vit.attn_pool = pool
@@ -106,14 +119,23 @@ def apply_query_fusion_pool(vit: nn.Module, layers: Sequence[int] | None = None)
     return vit
 
 
-def query_fusion_features(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Pooled feature [B, D] of a ViT patched with `apply_query_fusion_pool(vit, layers=...)`."""
+def query_fusion_features(vit: nn.Module, images: torch.Tensor, *, camera_id: torch.Tensor | None = None,
+                          view_id: torch.Tensor | None = None, cv_emb: torch.Tensor | None = None) -> torch.Tensor:
+    """Pooled feature [B, D] of a ViT patched with `apply_query_fusion_pool(vit, layers=...)`: the model's own
+    embedding (side information from camera_id / view_id, or CLIP-ReID's cv_emb; patch dropout in training as in
+    its forward) and blocks, each pooled block's tokens normalised by the final norm."""
+    from amfor.nn.vit_adapter import describe_vit, uses_timm_forward
+
     if not hasattr(vit, "query_fusion_pool"):
         raise TypeError("call apply_query_fusion_pool(vit, layers=...) first")
-    x = vit._pos_embed(vit.patch_embed(images))
-    x = vit.norm_pre(vit.patch_drop(x))
-    outs = []
-    for blk in vit.blocks:
-        x = blk(x)
-        outs.append(x)
-    return vit.query_fusion_pool(outs)
+    if uses_timm_forward(vit):
+        x = vit._pos_embed(vit.patch_embed(images))
+        x = vit.norm_pre(vit.patch_drop(x))
+        outs = []
+        for blk in vit.blocks:
+            x = blk(x)
+            outs.append(x)
+        return vit.query_fusion_pool(outs)
+    parts = describe_vit(vit)
+    x = parts.embed(images, camera_id=camera_id, view_id=view_id, cv_emb=cv_emb, drop_patches=True)
+    return vit.query_fusion_pool(parts.forward_blocks(x, every=True))

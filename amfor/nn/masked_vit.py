@@ -1,15 +1,16 @@
-"""MAE-style masked training for any timm ViT on the fused ops: the encoder on the kept patches only
+"""MAE-style masked training for any ViT on the fused ops: the encoder on the kept patches only
 (`masked_gather`, position embedding added in the same pass) and a decoder that puts them back on the grid with a
 mask token (`masked_scatter`).
 
-    index, mask = random_masking(B, vit.patch_embed.num_patches, keep)      # or scores= for occlusion-driven
+    index, mask = random_masking(B, N, keep)                                 # or scores= for occlusion-driven
     latent = masked_forward_features(vit, images, index)                     # [B, P + K, D]
-    pred = MAEDecoder(D, N, 3 * p * p, num_prefix_tokens=P)(latent, index)   # [B, N, 3 p p]
+    pred = MAEDecoder.for_vit(vit, 3 * p * p)(latent, index)                 # [B, N, 3 p p]
 
-`masked_forward_features` equals timm's own sequence (patch embedding, `_pos_embed`, a gather of the kept
-tokens, the blocks, the final norm) exactly, without adding position embeddings to the dropped tokens or ever
-materialising the full token sequence. `embed_tokens` is that embedding step, shared with amfor's own backbone
-(`ReIDViT.embed`, which `masked_forward_features` calls for a ReIDViT).
+`masked_forward_features` equals the model's own sequence (patch embedding, prefix tokens and positions, side
+information, a gather of the kept tokens, the blocks, the final norm) exactly, without adding position embeddings to
+the dropped tokens or ever materialising the full token sequence. The model is read through
+`amfor.nn.vit_adapter.describe_vit`: timm, TransReID, PASS, HAP, CLIP(-ReID) and amfor's `ReIDViT`. `embed_tokens`
+is that embedding step, shared with amfor's own backbone (`ReIDViT.embed`) and the adapter.
 """
 
 from __future__ import annotations
@@ -18,14 +19,6 @@ import torch
 from torch import nn
 
 from amfor.ops import masked_gather, masked_scatter
-
-
-def _check_vit(vit: nn.Module) -> None:
-    for attr in ("patch_embed", "pos_embed", "blocks", "norm", "num_prefix_tokens"):
-        if not hasattr(vit, attr):
-            raise TypeError(f"{type(vit).__name__} has no `{attr}`: not a timm VisionTransformer")
-    if getattr(vit, "dynamic_img_size", False):
-        raise ValueError("masked_forward_features needs a fixed image size (dynamic_img_size=False)")
 
 
 def embed_tokens(patches: torch.Tensor, patch_pos: torch.Tensor | None, prefix: torch.Tensor | None = None,
@@ -51,30 +44,23 @@ def embed_tokens(patches: torch.Tensor, patch_pos: torch.Tensor | None, prefix: 
 
 
 def masked_forward_features(vit: nn.Module, images: torch.Tensor, index: torch.Tensor, *,
-                            check_index: bool = True) -> torch.Tensor:
-    """timm ViT `forward_features` on the kept patches: images [B, C, H, W], index [B, K] (patch numbers, prefix
-    tokens excluded)  ->  [B, P + K, D] (prefix tokens first, then the kept patches in `index` order).
-    check_index=False skips the value check of `index` (a host sync): for indices the caller made, e.g. with
-    `random_masking`. A backbone with its own `embed(images, index=...)` (amfor's `ReIDViT`) is asked for its
-    tokens; a timm ViT's are built here from its parts, as its `_pos_embed` does."""
-    if hasattr(vit, "embed") and hasattr(vit, "last_block"):  # amfor's ReIDViT: it owns its embedding
-        x = vit.embed(images, index=index, check_index=check_index)
-        for blk in vit.blocks:
-            x = blk(x)
-        return vit.norm(vit.last_block(x))
-    _check_vit(vit)
-    P = vit.num_prefix_tokens
-    pos = vit.pos_embed[0] if vit.pos_embed is not None else None
-    no_embed_class = getattr(vit, "no_embed_class", False)
-    patch_pos = pos if (pos is None or no_embed_class) else pos[P:]
-    prefix_pos = None if (pos is None or no_embed_class) else pos[:P]
-    prefix = [t for t in (getattr(vit, "cls_token", None), getattr(vit, "reg_token", None)) if t is not None]
-    prefix = torch.cat(prefix, dim=1) if prefix else None
-    kept = embed_tokens(vit.patch_embed(images), patch_pos, prefix, prefix_pos, index, check_index=check_index)
-    x = vit.norm_pre(vit.pos_drop(kept)) if hasattr(vit, "norm_pre") else vit.pos_drop(kept)
-    for blk in vit.blocks:
-        x = blk(x)
-    return vit.norm(x)
+                            camera_id: torch.Tensor | None = None, view_id: torch.Tensor | None = None,
+                            cv_emb: torch.Tensor | None = None, check_index: bool = True) -> torch.Tensor:
+    """A ViT's `forward_features` on the kept patches: images [B, C, H, W], index [B, K] (patch numbers, prefix
+    tokens excluded)  ->  [B, P + K, D] (prefix tokens first, then the kept patches in `index` order, after the
+    final norm).
+
+    Any ViT `amfor.nn.vit_adapter.describe_vit` reads: timm (its `_pos_embed` sequence), amfor's ReIDViT (its own
+    `embed`), TransReID / PASS / HAP (their `forward_features` order, SIE from `camera_id` / `view_id` [B]),
+    CLIP's visual ViT (tokens [N, B, D] through its blocks, `ln_post`, no `proj`; CLIP-ReID's `cv_emb` [B, D] on the
+    CLS token). Patch dropout put in by `apply_patch_dropout` does not run here. check_index=False skips the value
+    check of `index` (a host sync): for indices the caller made, e.g. with `random_masking`.
+    """
+    from amfor.nn.vit_adapter import describe_vit
+
+    parts = describe_vit(vit)
+    x = parts.embed(images, index, camera_id=camera_id, view_id=view_id, cv_emb=cv_emb, check_index=check_index)
+    return parts.norm(parts.forward_blocks(x))
 
 
 class MAEDecoder(nn.Module):
@@ -104,6 +90,16 @@ class MAEDecoder(nn.Module):
         self.pred = nn.Linear(decoder_dim, out_dim)
         trunc_normal_(self.mask_token, std=0.02)
         trunc_normal_(self.pos_embed, std=0.02)
+
+    @classmethod
+    def for_vit(cls, vit: nn.Module, out_dim: int, **kwargs) -> MAEDecoder:
+        """A decoder sized for `vit` (any ViT `describe_vit` reads): its width D, its N patches on the grid its
+        position embedding was made for (overlapping strides included) and its P prefix tokens."""
+        from amfor.nn.vit_adapter import describe_vit
+
+        parts = describe_vit(vit)
+        return cls(parts.embed_dim, parts.grid[0] * parts.grid[1], out_dim, num_prefix_tokens=parts.num_prefix_tokens,
+                   **kwargs)
 
     def forward(self, latent: torch.Tensor, index: torch.Tensor, *, check_index: bool = True) -> torch.Tensor:
         P = self.num_prefix_tokens

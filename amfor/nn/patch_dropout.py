@@ -1,4 +1,4 @@
-"""Patch dropout / MAE random masking for any timm ViT, on the fused masked_gather op."""
+"""Patch dropout / MAE random masking on masked_gather, for any ViT the adapter reads (timm, TransReID, CLIP...)."""
 
 from __future__ import annotations
 
@@ -47,8 +47,43 @@ class PatchDropout(nn.Module):
 
 
 def apply_patch_dropout(vit: nn.Module, prob: float) -> nn.Module:
-    """Give a timm VisionTransformer (anything with `patch_drop` and `num_prefix_tokens`) our PatchDropout."""
-    if not hasattr(vit, "patch_drop"):
-        raise TypeError(f"{type(vit).__name__} has no `patch_drop` attribute: not a timm VisionTransformer")
-    vit.patch_drop = PatchDropout(prob, num_prefix_tokens=getattr(vit, "num_prefix_tokens", 1))
+    """Give a ViT our PatchDropout, where its own forward passes the embedded tokens (`amfor.nn.vit_adapter`).
+
+    A timm VisionTransformer running timm's forward: its `patch_drop` is replaced. Any other ViT (TransReID, PASS,
+    HAP and other timm subclasses with their own forward, CLIP's visual ViT, amfor's ReIDViT): the dropout is
+    registered as `vit.patch_dropout` (no weights: the state dict is unchanged) and runs as a forward hook after
+    `pos_drop` (CLIP: `ln_pre`), i.e. after the position and side embeddings, before the blocks. Applying it again
+    replaces the previous one. A model of no known layout: `ViTLayoutError` naming what it lacks.
+    """
+    from amfor.nn.vit_adapter import ViTLayoutError, describe_vit, layout_error
+
+    try:
+        parts = describe_vit(vit)
+    except ViTLayoutError:
+        raise layout_error(vit, "apply_patch_dropout (no timm `patch_drop` either)") from None
+    if parts.drop_site == "patch_drop":
+        vit.patch_drop = PatchDropout(prob, num_prefix_tokens=getattr(vit, "num_prefix_tokens", 1)).train(vit.training)
+        return vit
+    if parts.drop_site is None:
+        raise ViTLayoutError(f"apply_patch_dropout: {type(vit).__name__} has no `pos_drop` (or CLIP `ln_pre`) to put "
+                             f"patch dropout after")
+    site = getattr(vit, parts.drop_site)
+    for key, hook in list(site._forward_hooks.items()):  # a previous call's hook (found by its owner: deepcopy-safe)
+        if isinstance(getattr(hook, "__self__", None), HookedPatchDropout):
+            del site._forward_hooks[key]
+    drop = HookedPatchDropout(prob, num_prefix_tokens=parts.num_prefix_tokens).train(vit.training)  # the model's mode
+    site.register_forward_hook(drop.hook)
+    vit.patch_dropout = drop
     return vit
+
+
+class HookedPatchDropout(PatchDropout):
+    """PatchDropout run by a forward hook on the module after which the tokens are complete (`apply_patch_dropout`);
+    `enabled = False` passes tokens through (the masked and pooled views choose their tokens themselves)."""
+
+    def __init__(self, prob: float, num_prefix_tokens: int) -> None:
+        super().__init__(prob, num_prefix_tokens)
+        self.enabled = True
+
+    def hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        return self(output) if self.enabled else output
