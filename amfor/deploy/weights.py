@@ -4,7 +4,7 @@ A training checkpoint holds everything training needs (identity classifiers, the
 teacher's centring, the prompts and the text tower, the optimiser...). Inference runs `forward_eval`, which reads
 a fraction of it: the encoder, the global and part necks' BN, the part decoder and visibility head, the text bank
 through `text_to_visual`... Which tensors it reads is measured, not listed: `eval_state_keys` runs the eval forward
-on an example batch and records every parameter and buffer whose storage an operator touched.
+on an example batch and records every parameter and buffer whose storage a torch function received.
 
 File (safetensors): the eval tensors under their `state_dict` names, and in the header's metadata (str -> str):
     format          "amfor-weights"            version        "1"
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from ..data import resolve_data_config
@@ -45,14 +45,14 @@ class WeightsError(CheckpointError):
     names the file. (A CheckpointError: the command lines report it in one line.)"""
 
 
-class _StorageRecorder(TorchDispatchMode):
-    """Records the storages of every tensor an operator receives (views share their base's storage)."""
+class _StorageRecorder(TorchFunctionMode):
+    """Records the storages of the tensors every torch function receives (views share their base's storage)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: set[int] = set()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for leaf in tree_leaves((args, kwargs)):
             if isinstance(leaf, torch.Tensor) and leaf.numel() > 0:
@@ -60,44 +60,37 @@ class _StorageRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _example_calls(model: nn.Module) -> list[tuple]:
-    """(images, camids, global_only) that cover the eval paths: known cameras, and with cameras an unknown one."""
+def _example(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random images at the model's size with a known camera and, for a model with cameras, an unknown one (-1:
+    the seen cameras' mean); `global_only` reads a subset of what the full eval forward reads."""
     h, w = model.input_size
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
     images = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
     num_cameras = int(getattr(model, "num_cameras", 0) or 0)
-    known = torch.tensor([0, max(num_cameras - 1, 0)], device=device)
-    calls = [(images, known, False), (images, known, True)]
-    if num_cameras > 0:
-        calls.append((images, torch.tensor([-1, 0], device=device), False))
-    return calls
+    return images, torch.tensor([num_cameras - 1, -1] if num_cameras > 0 else [0, 0], device=device)
 
 
 @torch.no_grad()
 def eval_state_keys(model: nn.Module) -> list[str]:
     """The `state_dict` keys the eval forward `model(images, camids[, global_only=True])` reads, in state-dict order:
-    the tensors an operator touched on example batches (amfor ops as their PyTorch references), and with any of a
-    module's tensors all that module's persistent buffers (flags such as the text bank's `bank_ready`, BN counters:
-    small, and read when the state is loaded)."""
+    the tensors a torch function received on an example batch (amfor ops as their PyTorch references), and with any of a
+    module's tensors that module's one-element buffers (flags read when the state is loaded, such as the text
+    bank's `bank_ready`, and counters such as BN's)."""
     was_training = model.training
     model.eval()
     recorder = _StorageRecorder()
     try:
         with use_backend("torch"), recorder:
-            for images, camids, global_only in _example_calls(model):
-                model(images, camids, global_only=True) if global_only else model(images, camids)
+            model(*_example(model))
     finally:
         model.train(was_training)
     state = model.state_dict(keep_vars=True)
     used = {k for k, t in state.items() if t.numel() == 0 or t.untyped_storage().data_ptr() in recorder.seen}
     owners = {k.rpartition(".")[0] for k in used}
-    for name, module in model.named_modules():
-        if name in owners:
-            prefix = f"{name}." if name else ""
-            used |= {prefix + b for b in module._buffers if b not in module._non_persistent_buffers_set
-                     and module._buffers[b] is not None}
-    return [k for k in state if k in used]
+    flags = {k for k, t in state.items() if k.rpartition(".")[0] in owners and t.numel() == 1
+             and not isinstance(t, nn.Parameter)}
+    return [k for k in state if k in used | flags]
 
 
 def _metadata(model: nn.Module, model_name: str, model_kwargs: Mapping, num_cameras: int | None,
