@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import USER_ERRORS, prog_name, report
+from .cli import USER_ERRORS, one_line, prog_name, report
 from .deploy.feature_file import SUFFIXES, FeatureFileError, FeatureSet, save_features
 from .utils import distributed as du
 
@@ -154,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             write(output, args, extractor, names, rows, mask, errors, camids, ignored)
         du.barrier()
     except BaseException as exc:
-        if isinstance(exc, (*USER_ERRORS, InputError, FeatureFileError)):
+        if isinstance(exc, (InputError, FeatureFileError)):  # as it is: no hint about datasets' bad images
+            print(f"{parser.prog}: error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        if isinstance(exc, USER_ERRORS):
             return report(parser.prog, exc)
         raise
     finally:
