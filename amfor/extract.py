@@ -27,6 +27,7 @@ import torch
 
 from .cli import USER_ERRORS, one_line, prog_name, report
 from .deploy.feature_file import SUFFIXES, FeatureFileError, FeatureSet, save_features
+from .extras import require
 from .utils import distributed as du
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
@@ -35,7 +36,8 @@ DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class InputError(ValueError):
-    """--input names nothing to extract: a missing path, a folder or glob without images, an empty list."""
+    """--input names nothing to extract (a missing path, a folder or glob without images, no readable image), or
+    --device names no device here."""
 
 
 def is_image(path: Path) -> bool:
@@ -137,10 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         output = Path(args.output)
         if output.suffix not in SUFFIXES:
             raise FeatureFileError(f"--output {output}: a features file ends in {' or '.join(SUFFIXES)}")
+        if output.suffix == ".safetensors":
+            require("safetensors", extra="safetensors", purpose=f"--output {output}")
         files, names, ignored = list_inputs(args.input)
         if not files:
             raise InputError(f"--input {args.input}: no image files (suffixes {', '.join(IMAGE_SUFFIXES)})")
-        device = du.resolve_device(args.device)
+        try:
+            device = du.resolve_device(args.device)
+        except RuntimeError as exc:  # an unknown device name, or CUDA asked for where there is none
+            raise InputError(f"--device {args.device}: {one_line(exc)}") from exc
         du.init_distributed(device)
         from .deploy.extractor import Extractor
 

@@ -90,7 +90,7 @@ def test_a_glob_and_a_list(setup, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no input", "empty folder", "not a list", "bad output", "bad checkpoint",
-                                  "features as checkpoint", "all unreadable"])
+                                  "features as checkpoint", "all unreadable", "bad device"])
 def test_bad_input_is_one_line_exit_2_and_no_file(setup, tmp_path, capsys, case):
     images, listing, checkpoint, _, _ = setup
     out, inp, ckpt = tmp_path / "out.safetensors", images, checkpoint
@@ -114,12 +114,15 @@ def test_bad_input_is_one_line_exit_2_and_no_file(setup, tmp_path, capsys, case)
                              str(tmp_path / "f.safetensors")]) == 0
         capsys.readouterr()
         ckpt, named = tmp_path / "f.safetensors", f"{tmp_path / 'f.safetensors'} is a features file"
+    elif case == "bad device":
+        inp, named = images / "cam_b", "--device tpu9: "
     else:
         (tmp_path / "broken").mkdir()
         shutil.copy(images / listing["bad"][0], tmp_path / "broken" / "a.jpg")
         inp, named = tmp_path / "broken", "none of the 1 images could be read"
     before = sorted(tmp_path.rglob("*"))
-    assert extract_main(["--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out)]) == 2
+    device = "tpu9" if case == "bad device" else "auto"
+    assert extract_main(["--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out), "--device", device]) == 2
     assert named in error_line(capsys)
     assert sorted(tmp_path.rglob("*")) == before  # nothing written, not even a temporary file
 
@@ -142,3 +145,15 @@ def test_torchrun_on_two_processes_equals_one(setup, tmp_path):
                     "--output", str(tmp_path / "x.npz")], tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "x.npz").exists()
 
+
+
+def test_safetensors_output_without_the_extra_names_it(setup, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    images, _, checkpoint, _, _ = setup
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "safetensors" else
+                        find_spec(name, *a))
+    out = tmp_path / "f.safetensors"
+    assert extract_main(["--checkpoint", str(checkpoint), "--input", str(images), "--output", str(out)]) == 2
+    assert 'pip install "amfor[safetensors]"' in error_line(capsys) and not out.exists()
