@@ -63,7 +63,7 @@ class _StorageRecorder(TorchFunctionMode):
 def _example(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Two random images at the model's size with a known camera and, for a model with cameras, an unknown one (-1:
     the seen cameras' mean); `global_only` reads a subset of what the full eval forward reads."""
-    h, w = model.input_size
+    h, w = resolve_data_config(model)["size"]
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
     images = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)

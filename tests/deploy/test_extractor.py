@@ -47,6 +47,8 @@ def test_features_of_a_folder_equal_the_evaluations(model, folder, extractor):
     assert glob.dtype == torch.float32 and glob.device.type == "cpu" and glob.shape == want["features"][:, 0].shape
     torch.testing.assert_close(glob, want["features"][:, 0], rtol=0, atol=1e-6)
     torch.testing.assert_close(glob.norm(dim=1), torch.ones(len(paths)))
+    workers = amfor.Extractor(model, device="cpu", batch_size=4, num_workers=1)  # images read in another process
+    assert torch.equal(workers(paths, camids=CAMIDS), glob)
 
 
 def test_every_input_kind_gives_the_same_features(folder, extractor):
