@@ -142,3 +142,12 @@ def test_export_weights_bad_output_is_exit_2_and_writes_nothing(exported, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(target) in err[0] and ".safetensors" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_create_model_takes_it_as_pretrained_backbone_weights(exported):
+    """A new model (other identities, e.g. to fine-tune on another dataset) starts from the shared file's encoder."""
+    _, weights = exported
+    trained = load_weights(weights)
+    fresh = amfor.create_model(NAME, 7, num_cameras=NUM_CAMERAS, pretrained=str(weights), **KWARGS)
+    want, got = trained.backbone.state_dict(), fresh.backbone.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
