@@ -35,14 +35,19 @@ def exported(tmp_path_factory):
     return checkpoint, checkpoint.with_suffix(".safetensors")
 
 
+@pytest.fixture(scope="module")
+def loaded(exported):
+    """The eval models of the checkpoint and of its weights file."""
+    return load_model(exported[0]), load_model(exported[1])
+
+
 def features(model, images, camids, global_only=False):
     with torch.no_grad():
         return model(images, camids, global_only=True) if global_only else model(images, camids)
 
 
-def test_the_weights_file_gives_the_checkpoints_eval_features_exactly(exported):
-    checkpoint, weights = exported
-    from_checkpoint, from_weights = load_model(checkpoint), load_model(weights)
+def test_the_weights_file_gives_the_checkpoints_eval_features_exactly(loaded):
+    from_checkpoint, from_weights = loaded
     assert not from_weights.training
     images = torch.randn(5, 3, *from_checkpoint.input_size, generator=torch.Generator().manual_seed(1))
     for camids in (torch.tensor([0, 1, 2, 0, 1]), torch.tensor([-1, 0, -1, 2, 1]), None):
@@ -81,7 +86,7 @@ def test_the_metadata_names_the_model_its_kwargs_and_its_preprocessing(exported)
     assert meta["amfor_version"] == amfor.__version__ and meta["source"] == "best.pt"
 
 
-def test_loading_reads_no_pretrained_or_clip_file(tmp_path, exported):
+def test_loading_reads_no_pretrained_or_clip_file(tmp_path, exported, loaded):
     """A checkpoint trained from CLIP weights that have gone since: its weights file loads."""
     state = load_checkpoint(exported[0])
     state["config"]["model"]["kwargs"]["clip_weights"] = str(tmp_path / "gone" / "ViT-B-16.pt")
@@ -93,7 +98,7 @@ def test_loading_reads_no_pretrained_or_clip_file(tmp_path, exported):
         assert json.loads(f.metadata()["model_kwargs"])["clip_weights"] is None
     images = torch.randn(2, 3, 128, 64)
     torch.testing.assert_close(features(load_model(out), images, None)["features"],
-                               features(load_model(exported[0]), images, None)["features"], rtol=0, atol=0)
+                               features(loaded[0], images, None)["features"], rtol=0, atol=0)
 
 
 def test_a_model_of_a_factory_round_trips(tmp_path):
@@ -144,10 +149,10 @@ def test_export_weights_bad_output_is_exit_2_and_writes_nothing(exported, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_create_model_takes_it_as_pretrained_backbone_weights(exported):
+def test_create_model_takes_it_as_pretrained_backbone_weights(exported, loaded):
     """A new model (other identities, e.g. to fine-tune on another dataset) starts from the shared file's encoder."""
     _, weights = exported
-    trained = load_weights(weights)
+    trained = loaded[1]
     fresh = amfor.create_model(NAME, 7, num_cameras=NUM_CAMERAS, pretrained=str(weights), **KWARGS)
     want, got = trained.backbone.state_dict(), fresh.backbone.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
