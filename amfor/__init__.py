@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = ["create_model", "list_models"]
 
-_LAZY = {"create_model": "amfor.models", "list_models": "amfor.models"}
+_LAZY = {"create_model": "amfor.models", "list_models": "amfor.models", "Extractor": "amfor.deploy.extractor"}
 # `amfor.models.X` after `import amfor` keeps working, as it did when this file imported the models
 _SUBPACKAGES = ("data", "deploy", "engine", "evaluation", "losses", "models", "nn", "ops", "utils")
 

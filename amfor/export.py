@@ -1,6 +1,9 @@
 """`python -m amfor.export --checkpoint PATH --format onnx|torch-export` (or `amfor-export`): the inference model
 for deployment.
 
+`--format weights`: the slim, shareable safetensors file (the eval path's weights, the model's name, kwargs and
+preprocessing; `amfor.deploy.weights`), loadable by `amfor.Extractor` and `amfor.deploy.load.load_model`.
+
 Traced through the reference ops (no custom op in the graph); checked against onnxruntime (ONNX, when
 installed: `pip install "amfor[export]"`) or torch.export.load (.pt2) on a batch of another size.
 Inputs `images` [B, 3, H, W] float32 (normalised with the model's `pretrained_cfg` mean and std) and `camids`
@@ -19,6 +22,7 @@ from pathlib import Path
 from .cli import USER_ERRORS, prog_name, report
 from .deploy.export import FORMATS, export
 from .deploy.load import load_for_inference
+from .deploy.weights import weights_from_checkpoint
 from .extras import require
 
 
@@ -27,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--format", choices=FORMATS, default="onnx")
-    parser.add_argument("--output", help="file to write (default: next to the checkpoint, .onnx or .pt2)")
+    parser.add_argument("--output", help="file to write (default: next to the checkpoint, .onnx, .pt2 or .safetensors)")
     parser.add_argument("--global-only", action="store_true", help="export only the global feature [B, D]")
     parser.add_argument("--no-camids", action="store_true",
                         help="no camids input: every camera unknown (the seen cameras' mean offsets)")
@@ -36,9 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(
-        ".onnx" if args.format == "onnx" else ".pt2")
+        {"onnx": ".onnx", "torch-export": ".pt2", "weights": ".safetensors"}[args.format])
     written = [p for p in (out, Path(f"{out}.json")) if not p.exists()]  # removed again when the export fails
     try:
+        if args.format == "weights":
+            spec = weights_from_checkpoint(args.checkpoint, out, args.set)
+            print(f"wrote {out}")
+            print(json.dumps(spec, indent=1))
+            return 0
         if args.format == "onnx":
             require("onnx", "onnxscript", extra="export", purpose="--format onnx")
         model, _, _ = load_for_inference(args.checkpoint, overrides=args.set)

@@ -23,7 +23,7 @@ from torch import nn
 from ..data import resolve_data_config
 from ..ops import use_backend
 
-FORMATS = ("onnx", "torch-export")
+FORMATS = ("onnx", "torch-export", "weights")  # weights: the slim safetensors file of deploy/weights.py
 
 
 class InferenceModel(nn.Module):
@@ -136,6 +136,8 @@ def export(model: nn.Module, fmt: str, path: str | Path, global_only: bool = Fal
     camids=False: a graph with the images as its only input (every camera unknown)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "weights":
+        raise ValueError("the weights file needs the model's name and kwargs: amfor.deploy.weights.save_weights")
     model = model.cpu().eval()
     wrapper = InferenceModel(model, global_only, camids).eval()
     path = Path(path)

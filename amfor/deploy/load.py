@@ -1,4 +1,5 @@
-"""A trained model back from a checkpoint, for evaluation (`amfor.test`), export (`amfor.export`) and extraction."""
+"""A trained model back from a checkpoint or a weights file, for evaluation (`amfor.test`), export (`amfor.export`) and
+extraction (`amfor.Extractor`, `amfor.extract`): `load_model` takes either."""
 
 from __future__ import annotations
 
@@ -39,3 +40,24 @@ def load_for_inference(checkpoint: str | Path, config: str | Path | None = None,
     state = load_checkpoint(checkpoint)
     cfg = config_of(state, config, overrides)
     return load_trained_model(state, cfg, device, checkpoint), cfg, state
+
+
+def is_weights_file(path: str | Path) -> bool:
+    """Whether `path` starts as a safetensors file does: an 8-byte little-endian header length, then a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return Path(path).suffix == ".safetensors"
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100 * 2**20
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The eval model of a training checkpoint (.pt) or of a weights file (.safetensors, `amfor.deploy.weights`),
+    told apart by their suffix or content. Anything else is a CheckpointError naming the file."""
+    from .weights import load_weights
+
+    if Path(path).suffix == ".safetensors" or is_weights_file(path):
+        return load_weights(path, device)
+    model, _, _ = load_for_inference(path, device=device)
+    return model
