@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .. import config as C
 from ..data import build_dataset
@@ -72,9 +72,10 @@ def model_factory(name: str) -> Callable[..., torch.nn.Module]:
 def build_model(cfg: DictConfig, num_classes: int, num_cameras: int) -> torch.nn.Module:
     """The configured model: `amfor.create_model(model.name, ...)`, or the factory `package.module:function` named
     by model.name, with model.pretrained and model.kwargs. (`model.kwargs.num_cameras` is read by `count_cameras`,
-    not passed twice.) SetupError for a missing weights file or a bad model argument."""
+    not passed twice; lists and mappings reach the factory as plain Python containers.) SetupError for a missing
+    weights file or a bad model argument."""
     name = cfg.model.name
-    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "num_cameras"}
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model.kwargs, resolve=True).items() if k != "num_cameras"}
     factory = model_factory(name)
     for key, path in (("model.pretrained", cfg.model.pretrained), ("model.kwargs.clip_weights",
                                                                    kwargs.get("clip_weights"))):

@@ -42,6 +42,14 @@ def test_the_engine_builds_the_configured_model_under_one_name(tiny_root):
     assert model.classifier.in_features == 8
 
 
+def test_list_model_arguments_reach_the_model_as_lists(tiny_root):
+    cfg = build_config(overrides=[*standin_overrides(tiny_root, **{"model.name": "amfor_vit_tiny_patch16"}),
+                                  "model.kwargs.img_size=[64,32]", "model.kwargs.text=false",
+                                  "model.kwargs.amff=false"])
+    model = build_model(cfg, 5, num_cameras=3)
+    assert model.input_size == (64, 32) and type(model.backbone.img_size) is tuple
+
+
 def test_a_bad_model_argument_is_a_setup_error(tiny_root):
     cfg = build_config(overrides=standin_overrides(tiny_root, **{"model.kwargs.widht": 8}))
     with pytest.raises(SetupError, match="model standin_model:create_standin: .*widht"):
