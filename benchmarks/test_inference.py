@@ -21,7 +21,9 @@ provider. Results: benchmarks/results/<date>-inference-cpu-<N>core.json (AMFOR_B
 and a table with `-s`.
 
 Rounds: 5 (AMFOR_BENCH_ROUNDS). AMFOR_BENCH_QUICK=1: batch 1 only, one round, the file's name ends in -quick (a check
-of the code, not a measurement).
+of the code, not a measurement). Threads: torch's default, or AMFOR_BENCH_THREADS=N (ONNX Runtime gets the same).
+Run it on an idle machine: eager PyTorch with more threads than free cores collapses (OSNet x1.0 at batch 1 took
+113 ms on one thread and 8 s on two on a 2-core machine at load 8), ONNX Runtime's own thread pool much less.
 """
 
 from __future__ import annotations
@@ -157,6 +159,11 @@ def provider_fn(feature: GlobalFeature, provider: str, folder: Path, name: str
 def suite(tmp_path_factory) -> dict:
     """{(model, provider): images -> features} for every model and provider that runs here, and why others do not."""
     pytest.importorskip("onnxruntime")
+    threads = os.environ.get("AMFOR_BENCH_THREADS", "")
+    if threads:
+        if not threads.isdigit() or int(threads) < 1:
+            raise ValueError(f"AMFOR_BENCH_THREADS must be a positive integer, got {threads!r}")
+        torch.set_num_threads(int(threads))
     folder = tmp_path_factory.mktemp("inference")
     bf16_ok, bf16_why = native_bf16()
     fns, not_run, costs = {}, {}, {}
