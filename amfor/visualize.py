@@ -5,13 +5,16 @@ For the first `--num` queries: the image, the image with the model's part maps l
 per-token part probabilities, `AMFOR.part_maps`: one colour per body part, as opaque as the part's share of the
 pixel), the predicted visibility of each part (a filled cell: visible; an empty frame: not), then the `--topk`
 gallery images the model ranks first, with their distances (the checkpoint's `test.distance`, part or global,
-unless `--distance` says otherwise; every camera unknown). Folders are read recursively (.jpg, .jpeg, .png, .bmp,
-.webp), in name order; images are resized and normalised as the model's `pretrained_cfg` says.
+unless `--distance` says otherwise; every camera unknown). When every file is named as Market-1501's
+(`<pid>_c<camera>...`), the ranked images get green (same identity) or red borders and the query's identity seen by
+its own camera is left out, as in the protocol; else blue borders. Folders are read recursively (.jpg, .jpeg, .png,
+.bmp, .webp), in name order; images are resized and normalised as the model's `pretrained_cfg` says.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +24,7 @@ import torch
 from .cli import USER_ERRORS, prog_name, report
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")  # 0002_c1s1_000451_03.jpg: identity 2, camera 1
 
 
 class VisualizeError(ValueError):
@@ -41,6 +45,14 @@ def image_paths(items: Sequence[str], what: str) -> list[Path]:
     if not paths:
         raise VisualizeError(f"no {what} image ({'/'.join(IMAGE_SUFFIXES)}) in {' '.join(items)}")
     return paths
+
+
+def market_ids(paths: Sequence[Path]) -> list[tuple[int, int]] | None:
+    """(pid, camid) of every file named as Market-1501's, or None when any is not."""
+    found = [MARKET_NAME.match(p.name) for p in paths]
+    if not all(found):
+        return None
+    return [(int(m.group(1)), int(m.group(2))) for m in found]
 
 
 def load_images(paths: Sequence[Path], model) -> torch.Tensor:
@@ -97,8 +109,10 @@ def draw(checkpoint: str, query: Sequence[str], gallery: Sequence[str], output: 
     gf, g_vis = features(model, g_img)
     dist = distances(qf, gf, q_vis, g_vis, distance or cfg.test.distance)
     names = PART_NAMES[1:] if maps.shape[1] == len(PART_NAMES) - 1 else None
+    q_ids, g_ids = market_ids(q_paths), market_ids(g_paths)
     return ranked_with_parts(dist.cpu(), [str(p) for p in q_paths], [str(p) for p in g_paths], maps.cpu(),
-                             q_vis[:, 1:].cpu(), output, topk=topk, part_names=names)
+                             q_vis[:, 1:].cpu(), output, topk=topk, part_names=names,
+                             ids=(q_ids, g_ids) if q_ids is not None and g_ids is not None else None)
 
 
 def positive(value: str) -> int:

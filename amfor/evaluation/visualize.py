@@ -30,19 +30,21 @@ def _tile(path: str, size: tuple[int, int], color: tuple[int, int, int], border:
     return np.asarray(ImageOps.expand(img, border=border, fill=color))
 
 
-def part_overlay(path: str, maps: np.ndarray, size: tuple[int, int], alpha: float = 0.65) -> np.ndarray:
+def part_overlay(path: str, maps: np.ndarray, size: tuple[int, int], alpha: float = 0.75) -> np.ndarray:
     """The image at `path` resized to `size` (H, W) with the part maps [P, h, w] (probabilities on the patch grid)
-    laid over it: each pixel takes the parts' colours weighted by their probabilities, as opaque as the parts' share
-    of it (the background stays clear). -> uint8 [H + 2b, W + 2b, 3] with a grey border."""
+    laid over it: each pixel in the colour of its most probable part, as opaque as the parts' share of it relative to
+    the image's most confident pixel (so a short-trained model's diffuse maps still show where it puts each part; the
+    background stays clear). -> uint8 [H + 2b, W + 2b, 3] with a grey border."""
     maps = np.asarray(maps, dtype=np.float32)
     if maps.ndim != 3 or maps.shape[0] > len(PART_COLORS):
         raise ValueError(f"part maps must be [P, h, w] with P <= {len(PART_COLORS)}, got {maps.shape}")
-    up = np.stack([np.asarray(Image.fromarray(m).resize((size[1], size[0]), Image.Resampling.BILINEAR)) for m in maps])
-    up = up.clip(0, 1)  # [P, H, W]
-    share = up.sum(0).clip(0, 1)[..., None]  # [H, W, 1]
-    color = np.einsum("phw,pc->hwc", up, np.asarray(PART_COLORS[: len(maps)], np.float32)) / np.maximum(share, 1e-6)
+    resample = Image.Resampling.BILINEAR
+    up = np.stack([np.asarray(Image.fromarray(m).resize((size[1], size[0]), resample)) for m in maps]).clip(0, 1)
+    share = up.sum(0).clip(0, 1)
+    share = (share / max(float(share.max()), 1e-6))[..., None]  # [H, W, 1] in [0, 1]
+    color = np.asarray(PART_COLORS, np.float32)[up.argmax(0)]  # [H, W, 3]
     img = np.asarray(Image.open(path).convert("RGB").resize((size[1], size[0])), dtype=np.float32)
-    blend = img * (1 - alpha * share) + color.clip(0, 255) * alpha * share
+    blend = img * (1 - alpha * share) + color * alpha * share
     return np.asarray(ImageOps.expand(Image.fromarray(blend.round().astype(np.uint8)), border=BORDER, fill=GREY))
 
 
@@ -61,10 +63,13 @@ def visibility_strip(visible: np.ndarray, height: int) -> np.ndarray:
 
 def ranked_with_parts(distmat, query: Sequence[str], gallery: Sequence[str], part_maps, visibility,
                       out_path: str | Path, topk: int = 8, image_size: tuple[int, int] = (128, 64),
-                      part_names: Sequence[str] | None = None, labels: Sequence[str] | None = None) -> Path:
+                      part_names: Sequence[str] | None = None, labels: Sequence[str] | None = None,
+                      ids: tuple[Sequence[tuple[int, int]], Sequence[tuple[int, int]]] | None = None) -> Path:
     """Save a PNG: the parts' legend, then one row per query: the image, the image with its part maps overlaid
     (`part_overlay`), its predicted visibility (`visibility_strip`, parts top to bottom in the legend's order),
-    then its top-k gallery images by `distmat` (blue borders; no identities are known), each with its distance.
+    then its top-k gallery images by `distmat`, each with its distance: blue borders, or with `ids` ((pid, camid) of
+    every query and gallery image) green for the query's identity and red for another, the same identity seen by
+    the same camera left out as in the protocol.
 
     distmat [Q, G]; query / gallery: image paths; part_maps [Q, P, h, w]; visibility [Q, P] in [0, 1].
     Size: width (topk + 2) (W + 2 BORDER) + STRIP + GAP, height LEGEND + Q (H + 2 BORDER), for (H, W) = image_size.
@@ -81,10 +86,16 @@ def ranked_with_parts(distmat, query: Sequence[str], gallery: Sequence[str], par
     width = (topk + 2) * tile_w + STRIP + GAP
     rows, texts = [], []
     for i, path in enumerate(query):
-        order = np.argsort(dist[i], kind="stable")[:topk]
+        order = np.argsort(dist[i], kind="stable")
+        colors = {int(j): BLUE for j in order[:topk]}
+        if ids is not None:
+            q_id = ids[0][i]
+            order = [j for j in order if tuple(ids[1][j]) != tuple(q_id)]
+            colors = {int(j): GREEN if ids[1][j][0] == q_id[0] else RED for j in order[:topk]}
+        order = list(order[:topk])
         tiles = [_tile(path, image_size, GREY), part_overlay(path, maps[i], image_size),
                  visibility_strip(vis[i], tile_h), np.full((tile_h, GAP, 3), 255, np.uint8)]
-        tiles += [_tile(gallery[j], image_size, BLUE) for j in order]
+        tiles += [_tile(gallery[j], image_size, colors[int(j)]) for j in order]
         row = np.concatenate(tiles, 1)
         rows.append(np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)), constant_values=255))
         x0, y0 = 2 * tile_w + STRIP + GAP, LEGEND + i * tile_h + tile_h - 6

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from amfor.evaluation.visualize import BORDER, GAP, LEGEND, PART_COLORS, STRIP
+from amfor.evaluation.visualize import BLUE, BORDER, GAP, GREEN, LEGEND, PART_COLORS, RED, STRIP
 from amfor.visualize import main
 
 TILE = (128, 64)  # the picture's image size (H, W): ranked_with_parts' default
@@ -23,16 +23,17 @@ def checkpoint(tmp_path_factory):
     return save_small_amfor(tmp_path_factory.mktemp("ckpt") / "tiny.pt", "amfor_vit_tiny_patch16")
 
 
-def write_images(folder: Path, count: int, seed: int) -> list[Path]:
-    """`count` images of several sizes and both formats: a bright figure on a dark, noisy background."""
+def write_images(folder: Path, count: int, seed: int, names: list[str] | None = None) -> list[Path]:
+    """`count` images (or one per name in `names`) of several sizes and both formats: a bright figure on a dark,
+    noisy background."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in range(count):
+    for i in range(count if names is None else len(names)):
         h, w = 120 + 10 * i, 50 + 4 * i
         img = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
         img[h // 8: 7 * h // 8, w // 4: 3 * w // 4] = rng.integers(120, 255, 3, dtype=np.uint8)
-        path = folder / f"{i:03d}.{'png' if i % 2 else 'jpg'}"
+        path = folder / (names[i] if names is not None else f"{i:03d}.{'png' if i % 2 else 'jpg'}")
         Image.fromarray(img).save(path)
         paths.append(path)
     return paths
@@ -59,6 +60,31 @@ def test_it_draws_the_queries_part_maps_and_ranked_lists(checkpoint, tmp_path, c
         assert np.abs(image - overlay).mean() > 5, "the part maps are not drawn over the query"
         strip = picture[top: top + TILE[0], 2 * tile_w: 2 * tile_w + STRIP].reshape(-1, 3)
         assert {tuple(c) for c in strip.tolist()} & set(PART_COLORS), "no part colour in the visibility strip"
+        assert border_colors(picture, row, topk) == [BLUE] * topk  # no identities in these names
+
+
+def border_colors(picture: np.ndarray, row: int, slots: int) -> list[tuple[int, int, int] | None]:
+    """The border colour of each ranked tile of a row (None: an empty slot), read on the tile's left edge."""
+    tile_h, tile_w = TILE[0] + 2 * BORDER, TILE[1] + 2 * BORDER
+    y, x0 = LEGEND + row * tile_h + tile_h // 2, 2 * tile_w + STRIP + GAP
+    found = []
+    for k in range(slots):
+        pixel = picture[y, x0 + k * tile_w + 1].astype(int)
+        found.append(next((c for c in (GREEN, RED, BLUE) if np.abs(pixel - np.array(c)).max() <= 3), None))
+    return found
+
+
+def test_market_names_give_green_and_red_borders_without_same_camera_matches(checkpoint, tmp_path):
+    """Files named as Market-1501's: the query's identity green, others red, its identity under its own camera left
+    out (as the protocol does), whatever the (untrained) model ranks first."""
+    write_images(tmp_path / "q", 0, seed=0, names=["0001_c1s1_000101_00.jpg"])
+    write_images(tmp_path / "g", 0, seed=1, names=["0001_c1s1_000151_00.jpg", "0001_c2s1_000201_00.jpg",
+                                                   "0002_c1s1_000301_00.jpg", "0003_c2s1_000401_00.jpg"])
+    out = tmp_path / "market.png"
+    assert main(["--checkpoint", str(checkpoint), "--query", str(tmp_path / "q"), "--gallery", str(tmp_path / "g"),
+                 "--topk", "5", "--output", str(out)]) == 0
+    found = border_colors(np.asarray(Image.open(out).convert("RGB")), 0, 5)
+    assert sorted(found[:3]) == sorted([GREEN, RED, RED]) and found[3:] == [None, None]
 
 
 @pytest.mark.parametrize("case", ["empty query folder", "missing gallery", "not an image", "missing checkpoint",
