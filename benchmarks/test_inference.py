@@ -22,6 +22,7 @@ and a table with `-s`.
 
 Rounds: 5 (AMFOR_BENCH_ROUNDS). AMFOR_BENCH_QUICK=1: batch 1 only, one round, the file's name ends in -quick (a check
 of the code, not a measurement). Threads: torch's default, or AMFOR_BENCH_THREADS=N (ONNX Runtime gets the same).
+AMFOR_BENCH_PROVIDERS=eager_fp32,onnxruntime (a comma list) runs only those (compiling four models takes minutes).
 Run it on an idle machine: eager PyTorch with more threads than free cores collapses (OSNet x1.0 at batch 1 took
 113 ms on one thread and 8 s on two on a 2-core machine at load 8), ONNX Runtime's own thread pool much less.
 """
@@ -48,13 +49,28 @@ from benchmarks.common import QUICK, check_close, interleaved_rounds, interleave
 SIZE = (256, 128)
 AMFOR_MODELS = ("amfor_vit_tiny_patch16", "amfor_vit_small_patch16")
 OSNETS = ("osnet_x1_0", "osnet_x0_25")
-PROVIDERS = ("eager_fp32", "eager_bf16", "compiled", "onnxruntime")
+ALL_PROVIDERS = ("eager_fp32", "eager_bf16", "compiled", "onnxruntime")
 BATCHES = (1,) if QUICK else (1, 64)
 ROUNDS = 1 if QUICK else interleaved_rounds(5)
 INNER = {1: 8, 64: 1}  # calls per timed step: a batch-1 call alone is too short to time against the noise
 TOLERANCE = {"eager_bf16": 5e-2, "compiled": 1e-4, "onnxruntime": 1e-4}  # on L2-normalised features
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS: dict = {}
+
+
+def chosen_providers() -> tuple[str, ...]:
+    """$AMFOR_BENCH_PROVIDERS (eager_fp32 always: the others are checked against it), else every provider."""
+    value = os.environ.get("AMFOR_BENCH_PROVIDERS", "")
+    if not value:
+        return ALL_PROVIDERS
+    names = {v.strip() for v in value.split(",") if v.strip()}
+    unknown = names - set(ALL_PROVIDERS)
+    if unknown:
+        raise ValueError(f"AMFOR_BENCH_PROVIDERS: unknown {sorted(unknown)}; the providers are {ALL_PROVIDERS}")
+    return tuple(p for p in ALL_PROVIDERS if p in names or p == "eager_fp32")
+
+
+PROVIDERS = chosen_providers()
 
 
 def native_bf16() -> tuple[bool, str]:
