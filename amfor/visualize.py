@@ -75,10 +75,11 @@ def load_images(paths: Sequence[Path], model) -> torch.Tensor:
 
 
 @torch.no_grad()
-def features(model, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval features [N, 1+P, D] and visibility [N, 1+P] of the images, every camera unknown."""
-    outs = [model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-    return torch.cat([o["features"] for o in outs]), torch.cat([o["visibility"] for o in outs])
+def features(model, paths: Sequence[Path], device: str, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval features [N, 1+P, D] and visibility [N, 1+P] of the images (read a batch at a time), every camera
+    unknown."""
+    outs = [model(load_images(paths[i:i + batch_size], model).to(device)) for i in range(0, len(paths), batch_size)]
+    return torch.cat([o["features"] for o in outs]).cpu(), torch.cat([o["visibility"] for o in outs]).cpu()
 
 
 def distances(qf: torch.Tensor, gf: torch.Tensor, q_vis: torch.Tensor, g_vis: torch.Tensor, kind: str) -> torch.Tensor:
@@ -100,13 +101,12 @@ def draw(checkpoint: str, query: Sequence[str], gallery: Sequence[str], output: 
     model, cfg, _ = load_for_inference(checkpoint, device=device)
     if not callable(getattr(model, "part_maps", None)):
         raise VisualizeError(f"the model of {checkpoint} ({type(model).__name__}) has no part maps (part_maps)")
-    q_img, g_img = load_images(q_paths, model).to(device), load_images(g_paths, model).to(device)
     try:
-        maps = model.part_maps(q_img)
+        maps = model.part_maps(load_images(q_paths, model).to(device))
     except ValueError as exc:  # a model built without its part branch
         raise VisualizeError(f"{checkpoint}: {exc}") from exc
-    qf, q_vis = features(model, q_img)
-    gf, g_vis = features(model, g_img)
+    qf, q_vis = features(model, q_paths, device)
+    gf, g_vis = features(model, g_paths, device)
     dist = distances(qf, gf, q_vis, g_vis, distance or cfg.test.distance)
     names = PART_NAMES[1:] if maps.shape[1] == len(PART_NAMES) - 1 else None
     q_ids, g_ids = market_ids(q_paths), market_ids(g_paths)
