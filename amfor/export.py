@@ -11,7 +11,8 @@ are written to <output>.json.
 For trackers and services, one input and one output: `--no-camids --global-only`, with
 `--input-dtype uint8` (images uint8 [B, 3, H, W] RGB 0..255; x/255 and the model's mean and std inside the graph)
 or `--input-norm imagenet` (float32 images normalised with ImageNet's mean and std, as BoxMOT and torchreid feed
-a ReID model; the graph turns them into the model's normalisation).
+a ReID model; the graph turns them into the model's normalisation). BoxMOT resizes its crops to 256x128 whatever the
+model: the small and base variants' input size (the tiny variant's is 128x64).
 """
 
 from __future__ import annotations
