@@ -18,7 +18,7 @@ from amfor.config import build_config, list_configs, to_yaml
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("amfor-train", "amfor-test", "amfor-export", "amfor-extract")
+COMMANDS = ("amfor-train", "amfor-test", "amfor-export", "amfor-extract", "amfor-visualize")
 
 
 def copy_sources(dst: Path) -> None:

@@ -552,6 +552,21 @@ class AMFOR(nn.Module):
         features = F.normalize(torch.cat([g[:, None], parts], dim=1), dim=-1)
         return {"features": features, "visibility": torch.cat([g.new_ones(B, 1), visible.to(g.dtype)], dim=1)}
 
+    @torch.no_grad()
+    def part_maps(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
+        """Where the model sees each part (for pictures; eval mode only): the pixel-to-part classifier's (parsing
+        head's) probabilities on the patch grid, images [B, 3, H, W] -> [B, P, h, w] with (h, w) =
+        backbone.grid_size; the background's share of a token is 1 minus the sum over P. The same encoder pass as
+        `forward_eval`: no training branch, no random draw."""
+        if not self.switches["parts"]:
+            raise ValueError("this model has no part branch (parts=False): it has no part maps")
+        if self.training:
+            raise RuntimeError("part_maps is an eval-mode method: call model.eval() first")
+        self.check_inputs(images, camids=camids)
+        G = self.forward_global(self.forward_encoder(images, camids, self.text_keys()))
+        probs = self.part_classifier(G[:, 1:]).softmax(-1)[..., 1:]  # [B, N, P]
+        return probs.transpose(1, 2).reshape(images.shape[0], self.num_parts, *self.backbone.grid_size)
+
     # -- as a timm model ---------------------------------------------------------------------------------------------
     def forward_features(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
         """The global branch's tokens G [B, 1 + N, D] (normalised; G[:, 0] is the global feature before the neck)."""
