@@ -52,15 +52,21 @@ def faiss_module():
     return faiss
 
 
-def as_matrix(x, name: str, dim: int | None = None) -> np.ndarray:
-    """`x` ([N, D] tensor or array) as a C-contiguous float32 numpy array, rows L2-normalised (a copy)."""
+def as_array(x, name: str) -> np.ndarray:
+    """`x` ([N, D] tensor or array) as a float32 numpy array [N, D], a view where it already is one."""
     a = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
     if a.ndim != 2 or a.shape[1] == 0:
         raise SearchError(f"{name} must be [N, D] features, got shape {list(a.shape)}")
+    return a
+
+
+def as_matrix(x, name: str, dim: int | None = None) -> np.ndarray:
+    """`x` ([N, D] tensor or array) as a C-contiguous float32 numpy array, rows L2-normalised (a copy)."""
+    a = as_array(x, name)
     if dim is not None and a.shape[1] != dim:
         raise SearchError(f"{name} have dimension {a.shape[1]}, the index has {dim}")
     a = np.array(a, dtype=np.float32, order="C", copy=True)
-    sq = np.einsum("ij,ij->i", a, a)  # no [N, D] temporary: a 1M x 768 gallery is 3 GB already
+    sq = np.einsum("ij,ij->i", a, a)  # no [N, D] temporary
     if not np.isfinite(sq).all():
         raise SearchError(f"{name} contain NaN or inf")
     a /= np.maximum(np.sqrt(sq), 1e-12)[:, None]
@@ -106,7 +112,7 @@ class GalleryIndex:
         if unknown:
             raise SearchError(f"unknown parameter(s) {', '.join(unknown)} for a {kind} index (it takes "
                               f"{', '.join(BUILD_PARAMS[kind]) or 'none'})")
-        x = as_matrix(features, "gallery features")
+        x = as_array(features, "gallery features")  # normalised chunk by chunk as it is added: no full copy
         n, d = x.shape
         paths = [str(i) for i in range(n)] if paths is None else list(paths)
         if len(paths) != n:
@@ -261,8 +267,9 @@ def sort_descending(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _make_index(faiss, kind: str, d: int, x: np.ndarray, params: dict):
-    """The faiss index of `kind` over the normalised rows x [N, d], trained and filled."""
-    ip = faiss.METRIC_INNER_PRODUCT
+    """The faiss index of `kind` over the rows of x [N, d], trained and filled with them normalised, a chunk of
+    about 256 MB at a time (a 1M x 768 gallery is never copied whole)."""
+    ip, n = faiss.METRIC_INNER_PRODUCT, x.shape[0]
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "hnsw":
@@ -270,16 +277,18 @@ def _make_index(faiss, kind: str, d: int, x: np.ndarray, params: dict):
         index.hnsw.efConstruction = int(params["ef_construction"])
         index.hnsw.efSearch = int(params["ef_search"])
     else:
-        nlist, n = int(params["nlist"]), x.shape[0]
+        nlist = int(params["nlist"])
         if not 1 <= nlist <= n:
             raise SearchError(f"nlist = {nlist} must be between 1 and the gallery size {n}")
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, ip)  # spherical k-means for IP
         index.nprobe = int(params["nprobe"])
         index.cp.seed = int(params["seed"])
         train = min(n, max(int(params["train_size"]), nlist))
-        sample = np.random.default_rng(int(params["seed"])).choice(n, train, replace=False) if train < n else None
-        index.train(x[np.sort(sample)] if sample is not None else x)
-    index.add(x)
+        sample = np.sort(np.random.default_rng(int(params["seed"])).choice(n, train, replace=False))
+        index.train(as_matrix(x[sample] if train < n else x, "gallery features"))
+    rows = max(1, (1 << 26) // d)
+    for s in range(0, n, rows):
+        index.add(as_matrix(x[s:s + rows], "gallery features"))
     if kind == "ivf":
         index.make_direct_map()  # reconstruct(): the global features of a shortlist, for re-ranking
     return index

@@ -11,6 +11,9 @@ return (distances [Q, k] float32 ascending, indices [Q, k] int64) re-ordered, -1
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -30,6 +33,18 @@ def gallery_parts(gallery, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
         return parts[rows_t].float(), vis[rows_t].float()
     return (torch.from_numpy(np.ascontiguousarray(parts[rows], dtype=np.float32)),
             torch.from_numpy(np.ascontiguousarray(vis[rows], dtype=np.float32)))
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's intra-op threads set to 1 inside (restored after): the per-query ops of re-scoring (k x D at a time)
+    are too small to split, a fork and join per op costs more than the op (10x more on a busy two-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _shortlist(shortlist, num_query: int) -> torch.Tensor:
@@ -65,15 +80,13 @@ def rescore_parts(q_parts, shortlist, gallery, q_vis=None) -> tuple[torch.Tensor
     q_vis = _query_visibility(q_vis, q_parts)
     rows = idx.clamp(min=0).numpy()
     dist = torch.empty(idx.shape)
-    for s in range(0, idx.shape[0], 64):  # 64 queries' shortlists gathered at once: 64 x k x (1+P) x D floats
-        gp, gv = gallery_parts(gallery, rows[s:s + 64].reshape(-1))
-        if gp.shape[1:] != q_parts.shape[1:]:
-            raise SearchError(f"query parts are {list(q_parts.shape[1:])} per image, the gallery's "
-                              f"{list(gp.shape[1:])}")
-        gp, gv = gp.view(-1, idx.shape[1], *gp.shape[1:]), gv.view(-1, idx.shape[1], gv.shape[1])
-        for i in range(gp.shape[0]):
-            q = s + i
-            dist[q] = pairwise_distance(q_parts[q:q + 1], gp[i], q_vis=q_vis[q:q + 1], g_vis=gv[i])[0]
+    with one_thread():
+        for q in range(idx.shape[0]):  # one query's shortlist at a time: k x (1+P) x D floats, read while in cache
+            gp, gv = gallery_parts(gallery, rows[q])
+            if gp.shape[1:] != q_parts.shape[1:]:
+                raise SearchError(f"query parts are {list(q_parts.shape[1:])} per image, the gallery's "
+                                  f"{list(gp.shape[1:])}")
+            dist[q] = pairwise_distance(q_parts[q:q + 1], gp, q_vis=q_vis[q:q + 1], g_vis=gv)[0]
     return _ordered(dist, idx)
 
 
