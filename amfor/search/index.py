@@ -3,12 +3,14 @@
 Features are L2-normalised on the way in (gallery and queries), so the inner product the index computes is the cosine
 similarity (and ranks like the squared Euclidean distance evaluation uses: 2 - 2 cos). Kinds:
 
-- "flat": exact (`IndexFlatIP`, a scan of every gallery vector; BLAS for query batches).
+- "flat": exact (`IndexFlatIP`, a scan of every gallery vector; BLAS for query batches). A long list (k > 1024, up
+  to the whole gallery, as evaluation asks) is a matrix product and a sort instead, ties in gallery order.
 - "ivf": inverted lists (`IndexIVFFlat`): `nlist` k-means cells (default about 4 sqrt(N)) trained on a sample of
   `train_size` vectors (default 64 per cell), `nprobe` cells scanned per query (default 16). Approximate.
 - "hnsw": a navigable small-world graph (`IndexHNSWFlat`): `M` links per vector (default 32), `ef_construction`
   (default 80) at build and `ef_search` (default 64; raised to k when smaller) at query time. Approximate.
 
+The gallery is normalised and added a chunk (about 256 MB) at a time, so building never copies it whole.
 A saved index is a folder, written to a temporary name and renamed (never half-written):
     index.faiss       the faiss index
     index.json        kind, parameters, dimension, size, the gallery's paths and metadata
@@ -114,7 +116,9 @@ class GalleryIndex:
                               f"{', '.join(BUILD_PARAMS[kind]) or 'none'})")
         x = as_array(features, "gallery features")  # normalised chunk by chunk as it is added: no full copy
         n, d = x.shape
-        paths = [str(i) for i in range(n)] if paths is None else list(paths)
+        if n == 0:
+            raise SearchError("no gallery features: an index needs at least one")
+        paths = [str(i) for i in range(n)] if paths is None else [str(p) for p in paths]
         if len(paths) != n:
             raise SearchError(f"{len(paths)} paths for {n} gallery features")
         extras = _check_extras(n, parts, visibility, camids)

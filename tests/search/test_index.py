@@ -129,6 +129,8 @@ def test_bad_input_is_named(tmp_path):
         GalleryIndex.build(gallery, kind="hnsw", nprobe=3)
     with pytest.raises(SearchError, match="unknown search parameter.*ef_search for a flat index"):
         index.search(gallery[:2], 5, ef_search=10)
+    with pytest.raises(SearchError, match="no gallery features"):
+        GalleryIndex.build(torch.zeros(0, 8))
     with pytest.raises(SearchError, match="3 paths for 100 gallery features"):
         GalleryIndex.build(gallery, ["a", "b", "c"])
     with pytest.raises(SearchError, match="gallery features contain NaN or inf"):
