@@ -231,7 +231,7 @@ class GalleryIndex:
             if info.get("format") != FORMAT:
                 raise SearchError(f"{path}: not a saved gallery index (format {info.get('format')!r})")
             index = faiss_module().read_index(str(path / "index.faiss"))
-            arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r" if mmap and name != "camids" else None)
+            arrays = {name: np.load(path / f"{name}.npy", mmap_mode="c" if mmap and name != "camids" else None)
                       for name in ("parts", "visibility", "camids") if (path / f"{name}.npy").is_file()}
         except SearchError:
             raise

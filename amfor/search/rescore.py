@@ -11,6 +11,7 @@ return (distances [Q, k] float32 ascending, indices [Q, k] int64) re-ordered, -1
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,16 +24,31 @@ from amfor.evaluation.reranking import re_ranking
 from .index import GalleryIndex, SearchError
 
 
-def gallery_parts(gallery, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Parts [R, 1+P, D] and visibility [R, 1+P] of gallery rows [R]; gallery: a GalleryIndex or (parts, vis)."""
+def part_tensors(gallery) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gallery's parts [N, 1+P, D] and visibility [N, 1+P] as float32 CPU tensors, views where they can be (of a
+    memory map too); gallery: a GalleryIndex or a (parts, visibility) pair of arrays or tensors."""
     if isinstance(gallery, GalleryIndex):
-        return gallery.part_features(rows)
-    parts, vis = gallery
-    if isinstance(parts, torch.Tensor):
-        rows_t = torch.from_numpy(rows)
-        return parts[rows_t].float(), vis[rows_t].float()
-    return (torch.from_numpy(np.ascontiguousarray(parts[rows], dtype=np.float32)),
-            torch.from_numpy(np.ascontiguousarray(vis[rows], dtype=np.float32)))
+        if gallery.parts is None:
+            raise SearchError("the index holds no part features (build it from a features file with parts)")
+        pair = gallery.parts, gallery.visibility
+    else:
+        pair = gallery
+    out = []
+    for x in pair:
+        if not isinstance(x, torch.Tensor):
+            x = np.asarray(x, dtype=np.float32)
+            with warnings.catch_warnings():  # a read-only array (memory map): only read here
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                x = torch.from_numpy(x)
+        out.append(x.detach().cpu().float())
+    return out[0], out[1]
+
+
+def gallery_parts(gallery, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parts [R, 1+P, D] and visibility [R, 1+P] of gallery rows [R] (copies); gallery as for `part_tensors`."""
+    parts, vis = part_tensors(gallery)
+    rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    return parts.index_select(0, rows), vis.index_select(0, rows)
 
 
 @contextmanager
@@ -78,14 +94,19 @@ def rescore_parts(q_parts, shortlist, gallery, q_vis=None) -> tuple[torch.Tensor
         raise SearchError(f"query parts must be [Q, 1+P, D], got {list(q_parts.shape)}")
     idx = _shortlist(shortlist, q_parts.shape[0])
     q_vis = _query_visibility(q_vis, q_parts)
-    rows = idx.clamp(min=0).numpy()
+    parts, vis = part_tensors(gallery)
+    if parts.shape[1:] != q_parts.shape[1:]:
+        raise SearchError(f"query parts are {list(q_parts.shape[1:])} per image, the gallery's {list(parts.shape[1:])}")
+    rows = idx.clamp(min=0)
     dist = torch.empty(idx.shape)
+    # One query's shortlist at a time, gathered into the same buffers: a fresh k x (1+P) x D array a query (2.7 MB at
+    # k = 100, D = 768) is page-faulted in anew each time, which costs more than the distances.
+    gp = torch.empty((idx.shape[1], *parts.shape[1:]))
+    gv = torch.empty((idx.shape[1], vis.shape[1]))
     with one_thread():
-        for q in range(idx.shape[0]):  # one query's shortlist at a time: k x (1+P) x D floats, read while in cache
-            gp, gv = gallery_parts(gallery, rows[q])
-            if gp.shape[1:] != q_parts.shape[1:]:
-                raise SearchError(f"query parts are {list(q_parts.shape[1:])} per image, the gallery's "
-                                  f"{list(gp.shape[1:])}")
+        for q in range(idx.shape[0]):
+            torch.index_select(parts, 0, rows[q], out=gp)
+            torch.index_select(vis, 0, rows[q], out=gv)
             dist[q] = pairwise_distance(q_parts[q:q + 1], gp, q_vis=q_vis[q:q + 1], g_vis=gv)[0]
     return _ordered(dist, idx)
 
