@@ -53,6 +53,7 @@ def test_each_kind_round_trips_through_its_folder(tmp_path, kind):
     assert (loaded.kind, len(loaded), loaded.dim, loaded.paths, loaded.metadata) == (kind, 600, 24, paths,
                                                                                        {"model": "m"})
     assert loaded.params == index.params
+    assert isinstance(loaded.parts, np.memmap)  # read on demand: re-scoring touches only its shortlist's rows
     np.testing.assert_array_equal(loaded.parts, parts.numpy())
     np.testing.assert_array_equal(loaded.visibility, vis.numpy())
     np.testing.assert_array_equal(loaded.camids, camids.numpy())
