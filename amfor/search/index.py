@@ -5,8 +5,8 @@ similarity (and ranks like the squared Euclidean distance evaluation uses: 2 - 2
 
 - "flat": exact (`IndexFlatIP`, a scan of every gallery vector; BLAS for query batches). A long list (k > 1024, up
   to the whole gallery, as evaluation asks) is a matrix product and a sort instead, ties in gallery order.
-- "ivf": inverted lists (`IndexIVFFlat`): `nlist` k-means cells (default about 4 sqrt(N)) trained on a sample of
-  `train_size` vectors (default 64 per cell), `nprobe` cells scanned per query (default 16). Approximate.
+- "ivf": inverted lists (`IndexIVFFlat`): `nlist` k-means cells (default about 4 sqrt(N), at most N / 39) trained
+  on a sample of `train_size` vectors (default 64 per cell), `nprobe` cells scanned per query (default 16).
 - "hnsw": a navigable small-world graph (`IndexHNSWFlat`): `M` links per vector (default 32), `ef_construction`
   (default 80) at build and `ef_search` (default 64; raised to k when smaller) at query time. Approximate.
 
@@ -38,6 +38,7 @@ KINDS = ("flat", "ivf", "hnsw")
 FORMAT = "amfor.search.GalleryIndex/1"
 BUILD_PARAMS = {"flat": (), "ivf": ("nlist", "nprobe", "train_size", "seed"),
                 "hnsw": ("M", "ef_construction", "ef_search")}
+MIN_PER_CELL = 39  # faiss's k-means wants 39 training vectors a centroid (and warns on stderr below that)
 LONG_LIST = 1024  # a flat index answers k above this with a sort (see _flat_long_lists)
 SEARCH_PARAMS = {"flat": (), "ivf": ("nprobe",), "hnsw": ("ef_search",)}
 
@@ -78,7 +79,7 @@ def as_matrix(x, name: str, dim: int | None = None) -> np.ndarray:
 def default_params(kind: str, n: int) -> dict:
     """The build and search parameters of `kind` for a gallery of n vectors (see the module docstring)."""
     if kind == "ivf":
-        nlist = max(1, min(n, round(4 * math.sqrt(n))))
+        nlist = max(1, min(round(4 * math.sqrt(n)), n // MIN_PER_CELL))
         return {"nlist": nlist, "nprobe": min(16, nlist), "train_size": min(n, 64 * nlist), "seed": 0}
     if kind == "hnsw":
         return {"M": 32, "ef_construction": 80, "ef_search": 64}

@@ -112,9 +112,12 @@ def test_approximate_kinds_find_the_exact_neighbours(kind):
     assert low_recall < recall
 
 
-def test_ivf_defaults_follow_the_gallery_size():
-    index = GalleryIndex.build(clustered(2500, 8, 50)[0], kind="ivf")
-    assert index.params["nlist"] == 200 and index.params["train_size"] == 2500  # 4 sqrt(N), 64 a cell capped at N
+def test_ivf_defaults_follow_the_gallery_size(capfd):
+    index = GalleryIndex.build(clustered(40000, 4, 50)[0], kind="ivf")
+    assert index.params["nlist"] == 800 and index.params["train_size"] == 40000  # 4 sqrt(N), 64 a cell capped at N
+    small = GalleryIndex.build(clustered(2500, 4, 50)[0], kind="ivf")
+    assert small.params["nlist"] == 2500 // 39  # 39 training vectors a cell at least
+    assert "WARNING" not in capfd.readouterr().err  # faiss's k-means had enough vectors
 
 
 def test_bad_input_is_named(tmp_path):
