@@ -3,6 +3,7 @@ request; bad input is one line naming the problem, exit code 2, nothing written.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -95,6 +96,16 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, files, capsys, case):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("python -m amfor.search: error: ") and message in err, err
     assert not (tmp_path / "res.json").exists() and not (tmp_path / "x.index").exists()
+
+
+def test_a_missing_faiss_is_one_line_naming_the_extra(tmp_path, files, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real(name, *a))
+    assert main(["build", "--features", str(files[0]), "--output", str(tmp_path / "g.index")]) == 2
+    err = capsys.readouterr().err
+    assert err == 'python -m amfor.search: error: amfor.search (the gallery index) needs faiss (not installed): ' \
+                  'pip install "amfor[search]"\n'
+    assert not (tmp_path / "g.index").exists()
 
 
 @pytest.mark.slow
