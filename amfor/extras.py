@@ -1,7 +1,7 @@
 """Optional dependencies, imported when used: a missing one raises naming the extra that installs it.
 
 The extras are declared in pyproject.toml: `pip install "amfor[export]"` (onnx, onnxruntime, onnxscript),
-`"amfor[tensorboard]"`, `"amfor[safetensors]"`.
+`"amfor[tensorboard]"`, `"amfor[safetensors]"`, `"amfor[search]"` (faiss-cpu).
 """
 
 from __future__ import annotations
