@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from .cli import USER_ERRORS, prog_name, report
+from .deploy.extractor import Extractor, read_image
+from .extract import IMAGE_SUFFIXES, is_image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")  # 0002_c1s1_000451_03.jpg: identity 2, camera 1
 
 
@@ -37,7 +38,7 @@ def image_paths(items: Sequence[str], what: str) -> list[Path]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            paths += sorted(p for p in path.rglob("*") if p.is_file() and is_image(p))
         elif path.is_file():
             paths.append(path)
         else:
@@ -55,31 +56,24 @@ def market_ids(paths: Sequence[Path]) -> list[tuple[int, int]] | None:
     return [(int(m.group(1)), int(m.group(2))) for m in found]
 
 
-def load_images(paths: Sequence[Path], model) -> torch.Tensor:
-    """[N, 3, H, W]: the test-time transform (`ReIDTransform(train=False)`) with the model's preprocessing."""
-    from PIL import Image
-
-    from .data import ReIDTransform, resolve_data_config
-
-    data = resolve_data_config(model)
-    transform = ReIDTransform(data["size"], train=False, mean=data["mean"], std=data["std"],
-                              interpolation=data["interpolation"])
+def load_images(paths: Sequence[Path], extractor) -> torch.Tensor:
+    """[N, 3, H, W]: the images as the extractor reads them (the evaluation's test transform)."""
     images = []
     for path in paths:
         try:
-            with Image.open(path) as img:
-                images.append(transform(img.convert("RGB"))[0])
-        except (OSError, ValueError) as exc:
-            raise VisualizeError(f"{path} is not an image PIL can read ({type(exc).__name__}: {exc})") from exc
+            images.append(extractor.transform(read_image(path))[0])
+        except OSError as exc:
+            raise VisualizeError(str(exc)) from exc
     return torch.stack(images)
 
 
-@torch.no_grad()
-def features(model, paths: Sequence[Path], device: str, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval features [N, 1+P, D] and visibility [N, 1+P] of the images (read a batch at a time), every camera
-    unknown."""
-    outs = [model(load_images(paths[i:i + batch_size], model).to(device)) for i in range(0, len(paths), batch_size)]
-    return torch.cat([o["features"] for o in outs]).cpu(), torch.cat([o["visibility"] for o in outs]).cpu()
+def features(extractor, paths: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval features [N, 1+P, D] and visibility [N, 1+P] of the images, every camera unknown."""
+    try:
+        out = extractor([str(p) for p in paths], parts=True)
+    except OSError as exc:
+        raise VisualizeError(str(exc)) from exc
+    return out.parts, out.visibility
 
 
 def distances(qf: torch.Tensor, gf: torch.Tensor, q_vis: torch.Tensor, g_vis: torch.Tensor, kind: str) -> torch.Tensor:
@@ -99,14 +93,15 @@ def draw(checkpoint: str, query: Sequence[str], gallery: Sequence[str], output: 
 
     q_paths, g_paths = image_paths(query, "query")[:num], image_paths(gallery, "gallery")
     model, cfg, _ = load_for_inference(checkpoint, device=device)
+    extractor = Extractor(model, device=device)
     if not callable(getattr(model, "part_maps", None)):
         raise VisualizeError(f"the model of {checkpoint} ({type(model).__name__}) has no part maps (part_maps)")
     try:
-        maps = model.part_maps(load_images(q_paths, model).to(device))
+        maps = model.part_maps(load_images(q_paths, extractor).to(extractor.device))
     except ValueError as exc:  # a model built without its part branch
         raise VisualizeError(f"{checkpoint}: {exc}") from exc
-    qf, q_vis = features(model, q_paths, device)
-    gf, g_vis = features(model, g_paths, device)
+    qf, q_vis = features(extractor, q_paths)
+    gf, g_vis = features(extractor, g_paths)
     dist = distances(qf, gf, q_vis, g_vis, distance or cfg.test.distance)
     names = PART_NAMES[1:] if maps.shape[1] == len(PART_NAMES) - 1 else None
     q_ids, g_ids = market_ids(q_paths), market_ids(g_paths)
