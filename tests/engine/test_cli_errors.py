@@ -241,7 +241,7 @@ def test_bare_resume_finds_the_run_of_the_config_s_name(workdir, capsys):
 def test_log_txt_holds_the_lines_logged_before_the_run_folder_existed(tiny_root, tmp_path):
     """The folder is made once the data and model are built; the dataset table and the model line logged before
     still open log.txt."""
-    from conftest import standin_overrides
+    from cli_runs import standin_overrides
 
     from amfor.engine.runner import train
 

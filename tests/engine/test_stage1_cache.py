@@ -24,7 +24,7 @@ def create_dropout_standin(num_classes: int, num_cameras: int = 0, pretrained=No
 
 def test_stage1_features_are_cached_in_eval_mode(tiny_root, tmp_path):
     cfg = build_config(overrides=standin_overrides(tiny_root, **{
-        "output": tmp_path / "run", "model.name": "test_stage1_cache:create_dropout_standin",
+        "output": tmp_path / "run", "model.name": f"{__name__}:create_dropout_standin",
         "model.kwargs.dropout": 0.5}))
     run = Run(cfg)
     try:
