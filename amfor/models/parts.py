@@ -5,8 +5,10 @@ Part decoder queries: [CLS of the memory M (detached), background, P parts] = P 
 embeddings for all but the first. Teacher masks: the CLS query may attend where a Bernoulli draw of the
 foreground probability (1 - p_background) says so, the background and part queries where a draw of their own
 part's probability does; every query keeps at least its most probable token. Both passes run as one
-cross-attention call (QueryFusion with L = 1, 2 (P + 2) queries per image, an attention mask), so the keys and
-values of the memory are computed once.
+cross-attention call (2 (P + 2) queries per image, an attention mask), so the keys and values of the memory are
+computed once. The cross-attention keeps QueryFusion's weights (L = 1: plain multi-head attention) and runs as
+torch's fused `scaled_dot_product_attention` on the projected keys and values: the same computation, at a third
+of the query-fusion op's CPU time for these few tokens (docs/model.md, "Training-step cost").
 """
 
 from __future__ import annotations
@@ -88,8 +90,24 @@ class PartDecoderLayer(nn.Module):
         B, PQ, D = q.shape
         s = q.reshape(B * passes, PQ // passes, D)  # the passes do not attend to each other
         s = self.norm1(s + self.self_attn(s, s, s, need_weights=False)[0]).reshape(B, PQ, D)
-        q = self.norm2(s + self.cross_attn(memory, s, attn_mask=attn_mask))
+        q = self.norm2(s + self.cross_attention(memory, s, attn_mask))
         return self.norm3(q + self.ffn(q))
+
+    def cross_attention(self, memory: torch.Tensor, q: torch.Tensor, attn_mask: torch.Tensor | None
+                        ) -> torch.Tensor:
+        """`cross_attn` (QueryFusion, one layer, uniform weights) computed as multi-head attention on its projections:
+        memory [B, N, D], q [B, Q, D], attn_mask bool [B, Q, 1, N] or None (every row keeps a token)  ->  [B, Q, D]."""
+        ca = self.cross_attn
+        B, Q, D = q.shape
+        H = ca.num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, D / H]
+            return t.unflatten(-1, (H, D // H)).transpose(1, 2)
+
+        mask = None if attn_mask is None else attn_mask[:, None, :, 0]  # [B, 1, Q, N]
+        out = F.scaled_dot_product_attention(heads(ca.q_proj(q)), heads(ca.k_proj(memory)),
+                                             heads(ca.v_proj(memory)), attn_mask=mask)
+        return ca.proj(out.transpose(1, 2).reshape(B, Q, D))
 
 
 class PartDecoder(nn.Module):

@@ -1,0 +1,104 @@
+"""The training step's restructurings for speed (issue 28, docs/model.md "Training-step cost") compute what the old
+code computed: every loss term and every parameter's gradient, on the same batch, weights and random draws.
+
+The old code is kept here, one function per restructured place (OLD_CODE), and patched in for the reference run.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from amfor.models.parts import PartDecoderLayer
+
+# -- the old code -----------------------------------------------------------------------------------------------
+
+
+def old_cross_attention(self, memory, q, attn_mask):
+    """Before: the part decoder's cross-attention through the query-fusion op (QueryFusion, one layer)."""
+    return self.cross_attn(memory, q, attn_mask=attn_mask)
+
+
+OLD_CODE = {  # restructuring -> [(owner, attribute, the old function)]
+    "part decoder cross-attention": [(PartDecoderLayer, "cross_attention", old_cross_attention)],
+}
+
+
+def use_old_code(monkeypatch) -> None:
+    for patches in OLD_CODE.values():
+        for owner, name, fn in patches:
+            monkeypatch.setattr(owner, name, fn)
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+
+
+def train_step(model, batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(every loss term, every parameter's gradient) of one training forward + backward, random draws seeded."""
+    torch.manual_seed(1)
+    out = model(batch["img"], batch["pid"], batch["camid"], batch["mask"], batch["occlusion"])
+    model.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    losses = {k: v.detach() for k, v in out.items() if k.startswith("loss")}
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return losses, grads
+
+
+def assert_same(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], what: str) -> None:
+    """Equal within float32's op tolerance: 1e-5 relative to each element, or to the tensor's largest element
+    (a gradient summed over many paths in another order differs by rounding relative to its scale), at least 1e-6
+    (float32 rounding of the total loss, about 30, reaches there through gradients that cancel, e.g. a softmax's)."""
+    assert new.keys() == old.keys(), f"{what}: {sorted(new.keys() ^ old.keys())} only on one side"
+    for k, ref in old.items():
+        scale = ref.abs().max().item() if ref.is_floating_point() and ref.numel() else 0.0
+        torch.testing.assert_close(new[k], ref, rtol=1e-5, atol=1e-5 * scale + 1e-6,
+                                   msg=lambda m, k=k: f"{what} {k}: {m}")
+
+
+# -- tests ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("camera_centering", [False, True])
+def test_the_training_step_computes_what_the_old_code_did(camera_centering, small, monkeypatch):
+    """Every component on: the losses dict term by term and every gradient, new code against the old."""
+    model = small.model(camera_centering=camera_centering).train()
+    old_model = copy.deepcopy(model)  # the same weights and running statistics before either step
+    batch = small.batch(small.config["img_size"], batch=8)
+    new_losses, new_grads = train_step(model, batch)
+    with monkeypatch.context() as m:
+        use_old_code(m)
+        old_losses, old_grads = train_step(old_model, batch)
+    assert len(new_losses) > 10 and new_grads.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert_same(new_losses, old_losses, "loss")
+    assert_same(new_grads, old_grads, "gradient")
+    assert_same(dict(model.named_buffers()), dict(old_model.named_buffers()), "buffer")
+
+
+def test_eval_features_are_what_the_old_code_gave(small, monkeypatch):
+    model = small.model(camera_centering=True).eval()
+    batch = small.batch(small.config["img_size"], batch=6)
+    with torch.no_grad():
+        new = model(batch["img"], batch["camid"])
+        with monkeypatch.context() as m:
+            use_old_code(m)
+            old = model(batch["img"], batch["camid"])
+    assert_same(new, old, "eval")
+
+
+def test_the_part_decoder_cross_attention_is_the_query_fusion_layer_it_replaced():
+    """Masked rows (the teacher's queries) and unmasked ones, outputs and the gradients of every input."""
+    torch.manual_seed(0)
+    layer = PartDecoderLayer(32, 4, 64)
+    memory = torch.randn(3, 7, 32, requires_grad=True)
+    q = torch.randn(3, 10, 32, requires_grad=True)
+    mask = torch.rand(3, 10, 1, 7) > 0.6
+    mask[:, :5] = True  # the student's rows see every token
+    mask[..., 2] = True  # every row keeps a token (as the teacher masks do)
+    results = []
+    for fn in (PartDecoderLayer.cross_attention, old_cross_attention):
+        out = fn(layer, memory, q, mask)
+        grads = torch.autograd.grad(out.square().sum(), [memory, q, *layer.cross_attn.parameters()])
+        results.append({"out": out, **{f"grad {i}": g for i, g in enumerate(grads)}})
+    assert_same(*results, "cross-attention")
