@@ -9,7 +9,8 @@ At fusion point k (after backbone block k, layers x_0 .. x_k, L = k + 1):
    `tokens="cls"`, over the L CLS tokens only; an MLP D -> 4D -> D gives per-layer channel weights w [B, L, D],
    normalised over the layers (softmax, so the mix is convex) or squashed each (sigmoid);
 4. x'_k = sigmoid(a_k) * sum_i w_i * x_i + (1 - sigmoid(a_k)) * x_k, a_k a learned gate starting at -2 so that
-   training begins close to the plain ViT.
+   training begins close to the plain ViT (computed as one multiply-add per layer, the gate folded into the
+   weights).
 """
 
 from __future__ import annotations
@@ -72,9 +73,13 @@ class FusionPoint(nn.Module):
         if len(layers) != self.num_layers:
             raise ValueError(f"fusion point expects {self.num_layers} layers, got {len(layers)}")
         w = self.layer_weights(layers, self.text_queries(text_bank))
-        mixed = sum(w[:, i, None, :] * x for i, x in enumerate(layers))
         g = torch.sigmoid(self.gate)
-        return g * mixed + (1.0 - g) * layers[-1]
+        # the gate folded into the layer weights: c_i = g w_i, plus (1 - g) on x_k; one multiply-add per layer
+        c = torch.cat([g * w[:, :-1], g * w[:, -1:] + (1.0 - g)], dim=1)[:, :, None]  # [B, L, 1, D]
+        out = layers[0] * c[:, 0]
+        for i in range(1, len(layers)):
+            out = torch.addcmul(out, layers[i], c[:, i])
+        return out
 
 
 class AMFFEncoder(nn.Module):

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 
+from amfor.models.fusion import FusionPoint
 from amfor.models.parts import PartDecoderLayer
 
 # -- the old code -----------------------------------------------------------------------------------------------
@@ -21,8 +22,19 @@ def old_cross_attention(self, memory, q, attn_mask):
     return self.cross_attn(memory, q, attn_mask=attn_mask)
 
 
+def old_fusion_forward(self, layers, text_bank=None):
+    """Before: the weighted sum of the layers, then the gate's blend with the last layer."""
+    if len(layers) != self.num_layers:
+        raise ValueError(f"fusion point expects {self.num_layers} layers, got {len(layers)}")
+    w = self.layer_weights(layers, self.text_queries(text_bank))
+    mixed = sum(w[:, i, None, :] * x for i, x in enumerate(layers))
+    g = torch.sigmoid(self.gate)
+    return g * mixed + (1.0 - g) * layers[-1]
+
+
 OLD_CODE = {  # restructuring -> [(owner, attribute, the old function)]
     "part decoder cross-attention": [(PartDecoderLayer, "cross_attention", old_cross_attention)],
+    "fusion point's gated mix": [(FusionPoint, "forward", old_fusion_forward)],
 }
 
 
@@ -99,6 +111,23 @@ def test_the_part_decoder_cross_attention_is_the_query_fusion_layer_it_replaced(
     results = []
     for fn in (PartDecoderLayer.cross_attention, old_cross_attention):
         out = fn(layer, memory, q, mask)
-        grads = torch.autograd.grad(out.square().sum(), [memory, q, *layer.cross_attn.parameters()])
+        grads = torch.autograd.grad(out.square().mean(), [memory, q, *layer.cross_attn.parameters()])
         results.append({"out": out, **{f"grad {i}": g for i, g in enumerate(grads)}})
     assert_same(*results, "cross-attention")
+
+
+@pytest.mark.parametrize("weighting", ["softmax", "sigmoid"])
+def test_the_fusion_points_gated_mix_is_the_old_one(weighting):
+    """Both weightings, a gate away from its start: the output and the gradients of the layers and every weight."""
+    torch.manual_seed(0)
+    point = FusionPoint(32, 3, 4, weighting=weighting, text=True)
+    with torch.no_grad():
+        point.gate.fill_(0.3)
+    layers = [torch.randn(2, 5, 32, requires_grad=True) for _ in range(3)]
+    bank = torch.randn(6, 32)
+    results = []
+    for fn in (FusionPoint.forward, old_fusion_forward):
+        out = fn(point, layers, bank)
+        grads = torch.autograd.grad(out.square().mean(), [*layers, *point.parameters()])  # a loss of about 1
+        results.append({"out": out, **{f"grad {i}": g for i, g in enumerate(grads)}})
+    assert_same(*results, "fusion point")
