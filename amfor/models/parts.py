@@ -7,8 +7,8 @@ foreground probability (1 - p_background) says so, the background and part queri
 part's probability does; every query keeps at least its most probable token. Both passes run as one
 cross-attention call (2 (P + 2) queries per image, an attention mask), so the keys and values of the memory are
 computed once. The cross-attention keeps QueryFusion's weights (L = 1: plain multi-head attention) and runs as
-torch's fused `scaled_dot_product_attention` on the projected keys and values: the same computation, at a third
-of the query-fusion op's CPU time for these few tokens (docs/model.md, "Training-step cost").
+torch's fused `scaled_dot_product_attention` on the projected keys and values (`single_layer_attention`,
+attention.py; docs/model.md, "Training-step cost").
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amfor.models.attention import single_layer_attention
 from amfor.nn import QueryFusion
 
 
@@ -95,19 +96,9 @@ class PartDecoderLayer(nn.Module):
 
     def cross_attention(self, memory: torch.Tensor, q: torch.Tensor, attn_mask: torch.Tensor | None
                         ) -> torch.Tensor:
-        """`cross_attn` (QueryFusion, one layer, uniform weights) computed as multi-head attention on its projections:
-        memory [B, N, D], q [B, Q, D], attn_mask bool [B, Q, 1, N] or None (every row keeps a token)  ->  [B, Q, D]."""
-        ca = self.cross_attn
-        B, Q, D = q.shape
-        H = ca.num_heads
-
-        def heads(t: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, D / H]
-            return t.unflatten(-1, (H, D // H)).transpose(1, 2)
-
-        mask = None if attn_mask is None else attn_mask[:, None, :, 0]  # [B, 1, Q, N]
-        out = F.scaled_dot_product_attention(heads(ca.q_proj(q)), heads(ca.k_proj(memory)),
-                                             heads(ca.v_proj(memory)), attn_mask=mask)
-        return ca.proj(out.transpose(1, 2).reshape(B, Q, D))
+        """`cross_attn` over memory [B, N, D] for q [B, Q, D], attn_mask bool [B, Q, 1, N] or None  ->  [B, Q, D]
+        (`single_layer_attention`: torch's fused attention on the module's projections)."""
+        return single_layer_attention(self.cross_attn, memory, q, attn_mask)
 
 
 class PartDecoder(nn.Module):

@@ -11,8 +11,10 @@ import copy
 import pytest
 import torch
 
+from amfor.models.attention import single_layer_attention
 from amfor.models.fusion import FusionPoint
 from amfor.models.parts import PartDecoderLayer
+from amfor.nn import QueryFusion
 
 # -- the old code -----------------------------------------------------------------------------------------------
 
@@ -32,9 +34,17 @@ def old_fusion_forward(self, layers, text_bank=None):
     return g * mixed + (1.0 - g) * layers[-1]
 
 
+def old_text_queries(self, text_bank):
+    """Before: the AMFF text step through the query-fusion op (QueryFusion, one layer, batch 1)."""
+    if self.text_attn is None or text_bank is None:
+        return self.queries
+    return self.queries + self.text_attn(text_bank[None], self.queries)[0]
+
+
 OLD_CODE = {  # restructuring -> [(owner, attribute, the old function)]
     "part decoder cross-attention": [(PartDecoderLayer, "cross_attention", old_cross_attention)],
     "fusion point's gated mix": [(FusionPoint, "forward", old_fusion_forward)],
+    "AMFF text step": [(FusionPoint, "text_queries", old_text_queries)],
 }
 
 
@@ -131,3 +141,20 @@ def test_the_fusion_points_gated_mix_is_the_old_one(weighting):
         grads = torch.autograd.grad(out.square().mean(), [*layers, *point.parameters()])  # a loss of about 1
         results.append({"out": out, **{f"grad {i}": g for i, g in enumerate(grads)}})
     assert_same(*results, "fusion point")
+
+
+def test_the_amff_text_step_is_the_query_fusion_call_it_replaced():
+    torch.manual_seed(0)
+    point = FusionPoint(32, 4, 4, text=True)
+    bank = torch.randn(9, 32)
+    results = []
+    for fn in (FusionPoint.text_queries, old_text_queries):
+        out = fn(point, bank)
+        grads = torch.autograd.grad(out.square().mean(), [point.queries, *point.text_attn.parameters()])
+        results.append({"out": out, **{f"grad {i}": g for i, g in enumerate(grads)}})
+    assert_same(*results, "text step")
+
+
+def test_single_layer_attention_takes_only_a_one_layer_uniform_query_fusion():
+    with pytest.raises(ValueError, match="one-layer QueryFusion with uniform weights"):
+        single_layer_attention(QueryFusion(8, 2, 0, 2), torch.randn(1, 3, 8), torch.randn(1, 2, 8))
