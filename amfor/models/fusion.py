@@ -3,13 +3,15 @@
 At fusion point k (after backbone block k, layers x_0 .. x_k, L = k + 1):
 1. learnable queries E_k [L, D];
 2. text step: E' = E_k + MHA(E_k, T, T) over the text bank T [C, D] (skipped without text). T is the same for
-   every image, so E' is computed once per batch, not per image;
+   every image, so E' is computed once per batch, not per image (torch's fused attention on the one-layer
+   QueryFusion's projections: `single_layer_attention`);
 3. multi-granularity step: E'' = LN(QueryFusion(E', x_0 .. x_k)): the queries attend over every token of the
    L layers (per-layer softmax, mixed by learned layer weights: the fused query-fusion op) or, with
    `tokens="cls"`, over the L CLS tokens only; an MLP D -> 4D -> D gives per-layer channel weights w [B, L, D],
    normalised over the layers (softmax, so the mix is convex) or squashed each (sigmoid);
 4. x'_k = sigmoid(a_k) * sum_i w_i * x_i + (1 - sigmoid(a_k)) * x_k, a_k a learned gate starting at -2 so that
-   training begins close to the plain ViT.
+   training begins close to the plain ViT (computed as one multiply-add per layer, the gate folded into the
+   weights).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
+from amfor.models.attention import single_layer_attention
 from amfor.nn import QueryFusion
 
 TOKENS = ("all", "cls")
@@ -56,7 +59,7 @@ class FusionPoint(nn.Module):
         """E' [L, D]: the queries after the text step (the learned queries alone without text)."""
         if self.text_attn is None or text_bank is None:
             return self.queries
-        return self.queries + self.text_attn(text_bank[None], self.queries)[0]
+        return self.queries + single_layer_attention(self.text_attn, text_bank[None], self.queries[None])[0]
 
     def layer_weights(self, layers: Sequence[torch.Tensor], queries: torch.Tensor) -> torch.Tensor:
         """Channel weights w [B, L, D] of the L layers from the queries' attention over them."""
@@ -72,9 +75,13 @@ class FusionPoint(nn.Module):
         if len(layers) != self.num_layers:
             raise ValueError(f"fusion point expects {self.num_layers} layers, got {len(layers)}")
         w = self.layer_weights(layers, self.text_queries(text_bank))
-        mixed = sum(w[:, i, None, :] * x for i, x in enumerate(layers))
         g = torch.sigmoid(self.gate)
-        return g * mixed + (1.0 - g) * layers[-1]
+        # the gate folded into the layer weights: c_i = g w_i, plus (1 - g) on x_k; one multiply-add per layer
+        c = torch.cat([g * w[:, :-1], g * w[:, -1:] + (1.0 - g)], dim=1)[:, :, None]  # [B, L, 1, D]
+        out = layers[0] * c[:, 0]
+        for i in range(1, len(layers)):
+            out = torch.addcmul(out, layers[i], c[:, i])
+        return out
 
 
 class AMFFEncoder(nn.Module):

@@ -5,8 +5,10 @@ Part decoder queries: [CLS of the memory M (detached), background, P parts] = P 
 embeddings for all but the first. Teacher masks: the CLS query may attend where a Bernoulli draw of the
 foreground probability (1 - p_background) says so, the background and part queries where a draw of their own
 part's probability does; every query keeps at least its most probable token. Both passes run as one
-cross-attention call (QueryFusion with L = 1, 2 (P + 2) queries per image, an attention mask), so the keys and
-values of the memory are computed once.
+cross-attention call (2 (P + 2) queries per image, an attention mask), so the keys and values of the memory are
+computed once. The cross-attention keeps QueryFusion's weights (L = 1: plain multi-head attention) and runs as
+torch's fused `scaled_dot_product_attention` on the projected keys and values (`single_layer_attention`,
+attention.py; docs/model.md, "Training-step cost").
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amfor.models.attention import single_layer_attention
 from amfor.nn import QueryFusion
 
 
@@ -88,8 +91,14 @@ class PartDecoderLayer(nn.Module):
         B, PQ, D = q.shape
         s = q.reshape(B * passes, PQ // passes, D)  # the passes do not attend to each other
         s = self.norm1(s + self.self_attn(s, s, s, need_weights=False)[0]).reshape(B, PQ, D)
-        q = self.norm2(s + self.cross_attn(memory, s, attn_mask=attn_mask))
+        q = self.norm2(s + self.cross_attention(memory, s, attn_mask))
         return self.norm3(q + self.ffn(q))
+
+    def cross_attention(self, memory: torch.Tensor, q: torch.Tensor, attn_mask: torch.Tensor | None
+                        ) -> torch.Tensor:
+        """`cross_attn` over memory [B, N, D] for q [B, Q, D], attn_mask bool [B, Q, 1, N] or None  ->  [B, Q, D]
+        (`single_layer_attention`: torch's fused attention on the module's projections)."""
+        return single_layer_attention(self.cross_attn, memory, q, attn_mask)
 
 
 class PartDecoder(nn.Module):
