@@ -22,6 +22,7 @@ import torch
 
 from amfor.ops import distill_kl_loss, use_backend
 from amfor.ops.distill_loss import distill_kl_loss_reference
+from amfor.utils.threads import torch_threads
 from benchmarks.common import (
     MODES,
     QUICK,
@@ -55,12 +56,8 @@ def _single_cpu_thread():
     if DEVICE != "cpu":
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _liger_loss_fn():

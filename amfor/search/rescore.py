@@ -12,14 +12,13 @@ return (distances [Q, k] float32 ascending, indices [Q, k] int64) re-ordered, -1
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from amfor.evaluation.distances import pairwise_distance
 from amfor.evaluation.reranking import re_ranking
+from amfor.utils.threads import torch_threads
 
 from .index import GalleryIndex, SearchError
 
@@ -51,16 +50,6 @@ def gallery_parts(gallery, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
     return parts.index_select(0, rows), vis.index_select(0, rows)
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """torch's intra-op threads set to 1 inside (restored after): the per-query ops of re-scoring (k x D at a time)
-    are too small to split, a fork and join per op costs more than the op (10x more on a busy two-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _shortlist(shortlist, num_query: int) -> torch.Tensor:
@@ -103,7 +92,7 @@ def rescore_parts(q_parts, shortlist, gallery, q_vis=None) -> tuple[torch.Tensor
     # k = 100, D = 768) is page-faulted in anew each time, which costs more than the distances.
     gp = torch.empty((idx.shape[1], *parts.shape[1:]))
     gv = torch.empty((idx.shape[1], vis.shape[1]))
-    with one_thread():
+    with torch_threads(1):  # the per-query ops (k x D) are too small to split: a fork and join costs more
         for q in range(idx.shape[0]):
             torch.index_select(parts, 0, rows[q], out=gp)
             torch.index_select(vis, 0, rows[q], out=gv)
