@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from .extras import require
 from .utils import distributed as du
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
-CAMERA_IN_NAME = re.compile(r"[-\d]+_c(\d+)")  # the camera of Market/Duke/MSMT names, 1-based
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -75,10 +73,12 @@ def list_inputs(spec: str) -> tuple[list[Path], list[str], int]:
 
 def camids_from_names(names: list[str]) -> torch.Tensor:
     """[N] 0-based cameras read from Market-style file names (`_c<k>`, 1-based), -1 where a name has none."""
+    from .data.datasets.base import MARKET_PATTERN
+
     ids = []
     for name in names:
-        match = CAMERA_IN_NAME.search(Path(name).name)
-        ids.append(int(match.group(1)) - 1 if match else -1)
+        match = MARKET_PATTERN.search(Path(name).name)  # <pid>_c<camera>: Market, Duke and MSMT names
+        ids.append(int(match.group(2)) - 1 if match else -1)
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -176,6 +176,7 @@ def write(output: Path, args, extractor, names: list[str], rows: dict, mask: tor
           camids: torch.Tensor | None, ignored: int) -> None:
     """Rank 0: the features file of the images read, and the skipped ones printed and in its metadata."""
     from . import __version__
+    from .deploy.weights import data_config_record
 
     skipped = [(names[i], e) for i, e in sorted(errors)]
     for name, error in skipped:
@@ -183,8 +184,7 @@ def write(output: Path, args, extractor, names: list[str], rows: dict, mask: tor
     keep = mask.nonzero().flatten()
     metadata = {"checkpoint": str(args.checkpoint), "input": str(args.input), "amfor_version": __version__,
                 "skipped": json.dumps([[n, e] for n, e in skipped]),
-                "data_config": json.dumps({k: list(v) if isinstance(v, tuple) else v
-                                           for k, v in extractor.data_config.items()}),
+                "data_config": json.dumps(data_config_record(extractor.model)),
                 "camids": "from names" if camids is not None else "unknown"}
     features = FeatureSet(features=rows["features"][keep], paths=[names[i] for i in keep.tolist()],
                           parts=rows["parts"][keep] if "parts" in rows else None,

@@ -14,7 +14,6 @@ its own camera is left out, as in the protocol; else blue borders. Folders are r
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,10 +21,9 @@ from pathlib import Path
 import torch
 
 from .cli import USER_ERRORS, prog_name, report
+from .data.datasets.base import MARKET_PATTERN
 from .deploy.extractor import Extractor, read_image
 from .extract import IMAGE_SUFFIXES, is_image
-
-MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")  # 0002_c1s1_000451_03.jpg: identity 2, camera 1
 
 
 class VisualizeError(ValueError):
@@ -50,7 +48,7 @@ def image_paths(items: Sequence[str], what: str) -> list[Path]:
 
 def market_ids(paths: Sequence[Path]) -> list[tuple[int, int]] | None:
     """(pid, camid) of every file named as Market-1501's, or None when any is not."""
-    found = [MARKET_NAME.match(p.name) for p in paths]
+    found = [MARKET_PATTERN.match(p.name) for p in paths]
     if not all(found):
         return None
     return [(int(m.group(1)), int(m.group(2))) for m in found]

@@ -93,16 +93,20 @@ def eval_state_keys(model: nn.Module) -> list[str]:
     return [k for k in state if k in used | flags]
 
 
+def data_config_record(model: nn.Module) -> dict:
+    """The model's preprocessing (`resolve_data_config`) as JSON has it: tuples as lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in resolve_data_config(model).items()}
+
+
 def _metadata(model: nn.Module, model_name: str, model_kwargs: Mapping, num_cameras: int | None,
               extra: Mapping[str, str] | None) -> dict[str, str]:
     from .. import __version__
 
     cameras = int(getattr(model, "num_cameras", 0) or 0) if num_cameras is None else int(num_cameras)
-    data = {k: list(v) if isinstance(v, tuple) else v for k, v in resolve_data_config(model).items()}
     return {**{k: str(v) for k, v in (extra or {}).items()}, "format": FORMAT, "version": str(VERSION),
             "model_name": str(model_name), "model_kwargs": json.dumps(dict(model_kwargs), sort_keys=True),
             "num_classes": str(int(getattr(model, "num_classes", 0))), "num_cameras": str(cameras),
-            "data_config": json.dumps(data), "amfor_version": __version__}
+            "data_config": json.dumps(data_config_record(model)), "amfor_version": __version__}
 
 
 def save_weights(model: nn.Module, path: str | Path, model_name: str, model_kwargs: Mapping | None = None,
@@ -191,7 +195,7 @@ def load_weights(path: str | Path, device: torch.device | str = "cpu") -> nn.Mod
     if absent:
         raise WeightsError(f"{path} lacks tensors the eval forward of {name!r} reads: {absent[:5]}")
     stored = json.loads(meta.get("data_config", "null"))
-    built = json.loads(_metadata(model, name, kwargs, None, None)["data_config"])
+    built = data_config_record(model)
     if stored is not None and stored != built:
         raise WeightsError(f"{path}: its preprocessing {stored} differs from its model's as built {built}")
     return model.to(device).eval()
