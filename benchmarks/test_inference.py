@@ -32,7 +32,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import amfor
+from amfor.utils.timing import cpu_name
 from benchmarks.common import QUICK, check_close, interleaved_rounds, interleaved_times, paired_speedup
 
 SIZE = (256, 128)
@@ -82,14 +82,6 @@ def native_bf16() -> tuple[bool, str]:
     if found and onednn:
         return True, f"native bf16 ({', '.join(found)})"
     return False, f"no native bf16 on this CPU (flags {found or 'none of avx512_bf16, amx_bf16'}, oneDNN bf16 {onednn})"
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 class GlobalFeature(nn.Module):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch
 
 from amfor.evaluation import pairwise_distance
 from amfor.schema import NUM_PARTS
+from amfor.utils.timing import cpu_name
 from benchmarks.common import QUICK, check_close
 
 faiss = pytest.importorskip("faiss", reason="the search benchmarks need faiss-cpu (pip install 'amfor[search]')")
@@ -105,12 +105,7 @@ def machine() -> dict:
                                 text=True, timeout=10).stdout.strip()
     except OSError:
         commit = ""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return {"cpu": cpu, "cores": os.cpu_count(), "faiss": faiss.__version__,
             "faiss_threads": faiss.omp_get_max_threads(), "torch": torch.__version__, "commit": commit, "run": now}

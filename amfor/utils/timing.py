@@ -1,4 +1,5 @@
-"""Timing several steps together: each in turn, round after round, in reverse order every other round.
+"""Timing several steps together: each in turn, round after round, in reverse order every other round; and the
+processor's name, for the record of what a timing was measured on.
 
 Used by the benchmarks (`benchmarks.common`) and by `projects.ablation.step_costs`; standard library only, so that the
 op benchmarks import on a machine without the model stack's packages.
@@ -6,8 +7,19 @@ op benchmarks import on a machine without the model stack's packages.
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
+
+
+def cpu_name() -> str:
+    """The processor's model name ("AMD EPYC ..."), for the record of what a timing was measured on."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown"
 
 
 def interleaved_times(steps: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:

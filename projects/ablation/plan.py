@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -40,6 +39,7 @@ from pathlib import Path
 
 from amfor.config import ConfigError, build_config, dotted_items, to_dict
 from amfor.engine.checkpoint import CheckpointError, load_checkpoint
+from amfor.utils.timing import cpu_name
 
 from .process import stop_group
 from .report import write_report
@@ -148,12 +148,7 @@ def machine() -> dict:
     """What a step count was measured on: CPU model and count, torch version and threads, GPU."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "gpu": gpu}
