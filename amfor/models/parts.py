@@ -84,13 +84,17 @@ class PartDecoderLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Linear(ffn_dim, dim))
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, q: torch.Tensor, memory: torch.Tensor, passes: int, attn_mask: torch.Tensor | None
-                ) -> torch.Tensor:
-        """q: [B, passes * Q, D] (the passes side by side); memory: [B, N, D] (normalised);
-        attn_mask: bool [B, passes * Q, 1, N] or None  ->  [B, passes * Q, D]."""
-        B, PQ, D = q.shape
-        s = q.reshape(B * passes, PQ // passes, D)  # the passes do not attend to each other
-        s = self.norm1(s + self.self_attn(s, s, s, need_weights=False)[0]).reshape(B, PQ, D)
+    def forward(self, q: torch.Tensor, memory: torch.Tensor, passes: int, attn_mask: torch.Tensor | None,
+                shared: bool = False) -> torch.Tensor:
+        """q: [B, passes * Q, D] (the passes side by side), or with `shared` [B, Q, D]: one query set that every pass
+        starts from (the first layer, whose passes differ only in their attention masks: the self-attention, which
+        the mask does not touch, runs once); memory: [B, N, D] (normalised); attn_mask: bool [B, passes * Q, 1, N]
+        or None  ->  [B, passes * Q, D]."""
+        B, _, D = q.shape
+        s = q if shared else q.reshape(B * passes, -1, D)  # the passes do not attend to each other
+        s = self.norm1(s + self.self_attn(s, s, s, need_weights=False)[0]).reshape(B, -1, D)
+        if shared and passes > 1:
+            s = s.repeat(1, passes, 1)
         q = self.norm2(s + self.cross_attention(memory, s, attn_mask))
         return self.norm3(q + self.ffn(q))
 
@@ -120,13 +124,12 @@ class PartDecoder(nn.Module):
         B = memory.shape[0]
         q = torch.cat([memory[:, :1].detach(), self.query_embed.expand(B, -1, -1)], dim=1)  # [B, P + 2, D]
         passes, mask = 1, None
-        if teacher_mask is not None:
+        if teacher_mask is not None:  # student and teacher start from the same queries: the first layer shares them
             passes = 2
-            q = torch.cat([q, q], dim=1)
             mask = torch.cat([torch.ones_like(teacher_mask), teacher_mask], dim=1)[:, :, None]  # [B, 2Q, 1, N]
         tokens = self.memory_norm(memory[:, 1:])
-        for layer in self.layers:
-            q = layer(q, tokens, passes, mask)
+        for i, layer in enumerate(self.layers):
+            q = layer(q, tokens, passes, mask, shared=i == 0)
         if teacher_mask is None:
             return q, None
         return q[:, : self.num_queries], q[:, self.num_queries:]

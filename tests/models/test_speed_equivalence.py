@@ -11,9 +11,10 @@ import copy
 import pytest
 import torch
 
+from amfor.losses.amgd import GenerationBlock
 from amfor.models.attention import single_layer_attention
 from amfor.models.fusion import FusionPoint
-from amfor.models.parts import PartDecoderLayer
+from amfor.models.parts import PartDecoder, PartDecoderLayer
 from amfor.nn import QueryFusion
 
 # -- the old code -----------------------------------------------------------------------------------------------
@@ -41,7 +42,32 @@ def old_text_queries(self, text_bank):
     return self.queries + self.text_attn(text_bank[None], self.queries)[0]
 
 
+def old_part_decoder_forward(self, memory, teacher_mask=None):
+    """Before: the student's and the teacher's queries stacked from the start, the first layer's self-attention run
+    on both (the same inputs, so the same result)."""
+    B = memory.shape[0]
+    q = torch.cat([memory[:, :1].detach(), self.query_embed.expand(B, -1, -1)], dim=1)
+    passes, mask = 1, None
+    if teacher_mask is not None:
+        passes = 2
+        q = torch.cat([q, q], dim=1)
+        mask = torch.cat([torch.ones_like(teacher_mask), teacher_mask], dim=1)[:, :, None]
+    tokens = self.memory_norm(memory[:, 1:])
+    for layer in self.layers:
+        q = layer(q, tokens, passes, mask)
+    if teacher_mask is None:
+        return q, None
+    return q[:, : self.num_queries], q[:, self.num_queries:]
+
+
+def old_generation_forward(self, x):
+    """Before: AMGD's generation block as two 1-d convolutions over the granularity axis."""
+    return self.conv2(torch.relu(self.conv1(x.transpose(1, 2)))).transpose(1, 2)
+
+
 OLD_CODE = {  # restructuring -> [(owner, attribute, the old function)]
+    "AMGD generation block as GEMMs": [(GenerationBlock, "forward", old_generation_forward)],
+    "part decoder's shared first self-attention": [(PartDecoder, "forward", old_part_decoder_forward)],
     "part decoder cross-attention": [(PartDecoderLayer, "cross_attention", old_cross_attention)],
     "fusion point's gated mix": [(FusionPoint, "forward", old_fusion_forward)],
     "AMFF text step": [(FusionPoint, "text_queries", old_text_queries)],
@@ -124,6 +150,41 @@ def test_the_part_decoder_cross_attention_is_the_query_fusion_layer_it_replaced(
         grads = torch.autograd.grad(out.square().mean(), [memory, q, *layer.cross_attn.parameters()])
         results.append({"out": out, **{f"grad {i}": g for i, g in enumerate(grads)}})
     assert_same(*results, "cross-attention")
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("teacher", [False, True])
+def test_the_part_decoder_shares_its_first_self_attention_as_the_old_one_computed_it_twice(depth, teacher):
+    """Student and teacher from one first-layer self-attention: both outputs and every gradient, one and two layers
+    (the second layer's passes differ and run apart), with and without the teacher."""
+    torch.manual_seed(0)
+    decoder = PartDecoder(32, 3, 4, 64, depth)
+    memory = torch.randn(2, 1 + 6, 32, requires_grad=True)
+    mask = (torch.rand(2, 5, 6) > 0.5) | torch.eye(5, 6, dtype=torch.bool) if teacher else None
+    results = []
+    for fn in (PartDecoder.forward, old_part_decoder_forward):
+        student, teacher_out = fn(decoder, memory, mask)
+        outs = [student] if teacher_out is None else [student, teacher_out]
+        loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs)  # the passes weighed apart
+        grads = torch.autograd.grad(loss, [memory, *decoder.parameters()])
+        results.append({**{f"out {i}": o for i, o in enumerate(outs)}, **{f"grad {i}": g for i, g in enumerate(grads)}})
+    assert_same(*results, "part decoder")
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_the_generation_block_is_the_convolutions_it_replaced(kernel_size):
+    """Every kernel size the block takes (G = 10 granularities, wider than the kernel and the padding): the output and
+    the gradients of the input and the weights."""
+    torch.manual_seed(0)
+    block = GenerationBlock(16, 12, 20, kernel_size)
+    x = torch.randn(4, 10, 16, requires_grad=True)
+    results = []
+    for fn in (GenerationBlock.forward, old_generation_forward):
+        out = fn(block, x)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                    [x, *block.parameters()])
+        results.append({"out": out, **{f"grad {i}": g for i, g in enumerate(grads)}})
+    assert_same(*results, "generation block")
 
 
 @pytest.mark.parametrize("weighting", ["softmax", "sigmoid"])
