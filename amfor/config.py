@@ -88,7 +88,7 @@ class TrainConfig:
     warmup_factor: float = 0.1
     min_lr: float = 1e-6
     clip_grad: float = 5.0              # max global gradient norm, 0 = no clipping
-    amp: str = "auto"                   # auto (bf16 on GPU, none on CPU) | none | bf16 | fp16
+    amp: str = "auto"                   # auto (bf16 on GPU, float32 on CPU, the log says why) | none | bf16 | fp16
     eval_every: int = 5                 # evaluate the validation split every N stage-2 epochs (0 = never)
     checkpoint_every: int = 0           # write last.pt every N steps; 0 = at each epoch end
     keep_checkpoints: int = 0           # also keep the N latest numbered checkpoints (0 = only last.pt/best.pt)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import amfor
+from amfor.utils.cpu_features import native_bf16
 from amfor.utils.timing import cpu_name
 from benchmarks.common import QUICK, check_close, interleaved_rounds, interleaved_times, paired_speedup
 
@@ -71,17 +72,6 @@ def chosen_providers() -> tuple[str, ...]:
 
 
 PROVIDERS = chosen_providers()
-
-
-def native_bf16() -> tuple[bool, str]:
-    """(whether bf16 runs natively here, why): the CPU's avx512_bf16 / amx_bf16 flags and oneDNN's bf16 support."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
-    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    onednn = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if found and onednn:
-        return True, f"native bf16 ({', '.join(found)})"
-    return False, f"no native bf16 on this CPU (flags {found or 'none of avx512_bf16, amx_bf16'}, oneDNN bf16 {onednn})"
 
 
 class GlobalFeature(nn.Module):

@@ -29,6 +29,7 @@ from ..data import build_dataset
 from ..data.records import ReIDData
 from ..extras import require
 from ..utils import distributed as du
+from ..utils.cpu_features import native_bf16
 from .checkpoint import CheckpointError
 
 
@@ -136,14 +137,29 @@ def build_data(cfg: DictConfig, test: bool = False) -> ReIDData:
     return data
 
 
+def amp_choice(mode: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """train.amp -> (the autocast dtype, None for float32; why, in words). bf16 and fp16 work on CPU too (torch's CPU
+    autocast and GradScaler), so CI runs both paths. auto: bf16 on CUDA (fp16 where the GPU lacks bf16); float32 on
+    the CPU, where bf16 without native support (AVX-512 bf16 or AMX) is slower than float32 (docs/model.md, "bf16
+    autocast on the CPU"), and with it has not yet been shown to cost no accuracy at equal steps."""
+    if mode == "none":
+        return None, "train.amp=none"
+    if mode in ("bf16", "fp16"):
+        return (torch.bfloat16 if mode == "bf16" else torch.float16), f"train.amp={mode}"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: bf16 on CUDA"
+        return torch.float16, "auto: fp16 (this GPU has no bf16)"
+    native, why = native_bf16()
+    if not native:
+        return None, f"auto: float32, {why}"
+    return None, (f"auto: float32; this CPU has {why}, but bf16 training on the CPU is not yet validated against "
+                  f"float32 (docs/model.md, \"bf16 autocast on the CPU\"): train.amp=bf16 turns it on")
+
+
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """train.amp -> the autocast dtype (None: float32). bf16 and fp16 work on CPU too (torch's CPU autocast and
-    GradScaler), so CI runs both paths; auto is bf16 (fp16 where the GPU lacks bf16) on CUDA, none on CPU."""
-    if mode == "none" or (mode == "auto" and device.type != "cuda"):
-        return None
-    if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if mode == "bf16" else torch.float16
+    """train.amp -> the autocast dtype (None: float32); see `amp_choice`."""
+    return amp_choice(mode, device)[0]
 
 
 LOG_FORMAT = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")

@@ -21,7 +21,7 @@ from ..data.records import ReIDData
 from ..evaluation.protocol import TEST_PAIRS, VAL_PAIRS, evaluate, extract, format_table
 from ..utils import distributed as du
 from .build import (
-    amp_dtype,
+    amp_choice,
     build_data,
     build_model,
     count_cameras,
@@ -69,7 +69,7 @@ class Run:
         setup_logging(None, hold=True)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.log, self.made_dir = MetricsLog(None), None  # the folder comes with open_run_dir
-        self.amp = amp_dtype(cfg.train.amp, self.device)
+        self.amp, self.amp_reason = amp_choice(cfg.train.amp, self.device)
         self.workers = auto_num_workers(cfg.data.num_workers, du.local_world_size())
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -119,6 +119,8 @@ class Run:
         logger.info("model %s: %d classes, input %s, %.2fM parameters, %d rank(s), device %s, %d loader worker(s)",
                     self.cfg.model.name, self.model.num_classes, self.size,
                     sum(p.numel() for p in self.model.parameters()) / 1e6, self.world, self.device, self.workers)
+        logger.info("precision: %s (%s)", "float32" if self.amp is None else str(self.amp).replace("torch.", ""),
+                    self.amp_reason)
 
     # checkpoints ------------------------------------------------------------------------------------
     def meta(self) -> dict:

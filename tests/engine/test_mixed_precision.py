@@ -13,7 +13,7 @@ from cli_runs import read_jsonl, run_cli
 from torch import nn
 
 from amfor.config import DEMO_SWITCHES, build_config
-from amfor.engine import HookBase, LoggerHook, MetricsLog, NonFiniteLossError, Stage1Trainer, WarmupCosine
+from amfor.engine import HookBase, LoggerHook, MetricsLog, NonFiniteLossError, Stage1Trainer, WarmupCosine, build
 
 BATCH, PER_EPOCH, EPOCHS = 4, 4, 2  # 8 steps
 
@@ -122,6 +122,7 @@ def test_the_cli_trains_under_autocast_on_the_cpu(amp, tiny_root, tmp_path):
              "test.num_ranked=0", "test.rerank=false", f"train.amp={amp}",
              *[f"model.kwargs.{k}=true" for k in DEMO_SWITCHES]], tmp_path, timeout=900)
     assert build_config(out / "config.yaml").train.amp == amp
+    assert f"precision: {'bfloat16' if amp == 'bf16' else 'float16'} (train.amp={amp})" in (out / "log.txt").read_text()
     train = read_jsonl(out / "metrics.jsonl", "train")
     assert {r["stage"] for r in train} == {1, 2} and [r["step"] for r in train if r["stage"] == 2] == [1, 2]
     assert all(math.isfinite(v) for r in train for k, v in r.items() if k.startswith("loss"))
@@ -133,3 +134,17 @@ def test_the_cli_trains_under_autocast_on_the_cpu(amp, tiny_root, tmp_path):
     assert (state["trainer"]["stage"], state["trainer"]["step"]) == (2, 2)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert read_jsonl(out / "metrics.jsonl", "test")
+
+
+@pytest.mark.parametrize(("native", "words"), [(False, "no native bf16"), (True, "not yet validated")])
+def test_auto_precision_on_the_cpu_is_float32_and_says_why(native, words, monkeypatch):
+    """train.amp=auto on the CPU: float32 with or without native bf16, and the reason names which; the explicit
+    modes and CUDA's auto are what they were."""
+    monkeypatch.setattr(build, "native_bf16", lambda: (native, "native bf16 (amx_bf16)" if native else
+                                                       "no native bf16 on this CPU (flags: none)"))
+    dtype, reason = build.amp_choice("auto", torch.device("cpu"))
+    assert dtype is None and words in reason and ("train.amp=bf16" in reason) == native
+    assert build.amp_choice("bf16", torch.device("cpu")) == (torch.bfloat16, "train.amp=bf16")
+    assert build.amp_choice("none", torch.device("cpu"))[0] is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert build.amp_choice("auto", torch.device("cuda"))[0] is torch.float16
