@@ -118,8 +118,8 @@ def conv_over_granularities(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     """`conv` (stride 1, same padding) along the granularity axis of x [B, G, D_in] -> [B, G, D_out], computed as
     one matrix product of the zero-padded k-windows [B, G, k * D_in] with the kernel [D_out, k * D_in]: the same
     sums as `conv(x.transpose(1, 2)).transpose(1, 2)`, but a GEMM rather than a convolution over a length-G signal
-    (G = P + 2 = 10 for AMFOR, where oneDNN's 1-d convolution and its backward ran at a tenth of the GEMM's speed;
-    docs/model.md, "Training-step cost")."""
+    (G = P + 2 = 10 for AMFOR: the block's forward + backward took 14.1 ms against 21.7 ms as oneDNN convolutions,
+    one thread, AVX2; docs/model.md, "Training-step cost")."""
     k, G = conv.kernel_size[0], x.shape[1]
     padded = F.pad(x, (0, 0, k // 2, k // 2))  # [B, G + k - 1, D_in]
     windows = torch.cat([padded[:, j:j + G] for j in range(k)], dim=-1)  # [B, G, k * D_in], tap-major
