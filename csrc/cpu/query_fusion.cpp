@@ -288,36 +288,64 @@ AMFOR_INLINE void pv_body(float* O, int64_t ldo, const float* P, const float* Vp
   }
 }
 
-// D[n, c] (+)= sum_j A[n][j] * R[j][c] for n < N, c < d (A: [N][W]; R: [W][d], zero padded rows); 8 tokens
-// at a time (8 accumulators).
+// D[n, c] = scale * sum_blk sum_j A_blk[n][j] * R[blk W + j][c] for n < N, c < d: the outer products of nblk
+// tiles A_blk [N][W] (consecutive, N W apart) with the row blocks of R [nblk W][d] (zero padded rows), summed
+// over the blocks in order and written once. 8 tokens x one vector of columns at a time (8 accumulators),
+// the 8 tokens' rows written column block after column block (sequential stores).
 template <class V>
 AMFOR_INLINE void outer_body(float* D, int64_t ldd, const float* A, const float* R, int64_t N, int64_t d,
-                             bool accumulate) {
+                             int64_t nblk, float scale) {
   constexpr int64_t W = VecTraits<V>::W;
-  int64_t c = 0;
-  for (; c + W <= d; c += W) {
-    int64_t n = 0;
-    for (; n + 8 <= N; n += 8) {
-      V a[8];
-      for (int64_t t = 0; t < 8; ++t) a[t] = accumulate ? loadv<V>(D + (n + t) * ldd + c) : V{};
-      const float* p = A + n * W;
-      for (int64_t j = 0; j < W; ++j) {
-        const V rv = loadv<V>(R + j * d + c);
-        for (int64_t t = 0; t < 8; ++t) a[t] += p[t * W + j] * rv;
+  int64_t n = 0;
+  for (; n + 8 <= N; n += 8) {
+    int64_t c = 0;
+    for (; c + W <= d; c += W) {
+      V a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{};
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const float* p = A + blk * N * W + n * W;
+        const float* r = R + blk * W * d + c;
+        for (int64_t j = 0; j < W; ++j) {
+          const V rv = loadv<V>(r + j * d);
+          a0 += p[j] * rv;
+          a1 += p[W + j] * rv;
+          a2 += p[2 * W + j] * rv;
+          a3 += p[3 * W + j] * rv;
+          a4 += p[4 * W + j] * rv;
+          a5 += p[5 * W + j] * rv;
+          a6 += p[6 * W + j] * rv;
+          a7 += p[7 * W + j] * rv;
+        }
       }
-      for (int64_t t = 0; t < 8; ++t) storev(D + (n + t) * ldd + c, a[t]);
+      float* dst = D + n * ldd + c;
+      storev(dst, a0 * scale), storev(dst + ldd, a1 * scale), storev(dst + 2 * ldd, a2 * scale);
+      storev(dst + 3 * ldd, a3 * scale), storev(dst + 4 * ldd, a4 * scale), storev(dst + 5 * ldd, a5 * scale);
+      storev(dst + 6 * ldd, a6 * scale), storev(dst + 7 * ldd, a7 * scale);
     }
-    for (; n < N; ++n) {
-      V a0 = accumulate ? loadv<V>(D + n * ldd + c) : V{};
-      for (int64_t j = 0; j < W; ++j) a0 += A[n * W + j] * loadv<V>(R + j * d + c);
-      storev(D + n * ldd + c, a0);
+    for (; c < d; ++c) {  // tail columns (d % W)
+      for (int64_t t = n; t < n + 8; ++t) {
+        float a = 0.0f;
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          for (int64_t j = 0; j < W; ++j) a += A[blk * N * W + t * W + j] * R[(blk * W + j) * d + c];
+        }
+        D[t * ldd + c] = a * scale;
+      }
     }
   }
-  for (; c < d; ++c) {
-    for (int64_t n = 0; n < N; ++n) {
-      float a = accumulate ? D[n * ldd + c] : 0.0f;
-      for (int64_t j = 0; j < W; ++j) a += A[n * W + j] * R[j * d + c];
-      D[n * ldd + c] = a;
+  for (; n < N; ++n) {  // tail tokens (N % 8)
+    int64_t c = 0;
+    for (; c + W <= d; c += W) {
+      V a0{};
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        for (int64_t j = 0; j < W; ++j) a0 += A[blk * N * W + n * W + j] * loadv<V>(R + (blk * W + j) * d + c);
+      }
+      storev(D + n * ldd + c, a0 * scale);
+    }
+    for (; c < d; ++c) {
+      float a = 0.0f;
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        for (int64_t j = 0; j < W; ++j) a += A[blk * N * W + n * W + j] * R[(blk * W + j) * d + c];
+      }
+      D[n * ldd + c] = a * scale;
     }
   }
 }
@@ -377,7 +405,8 @@ struct Kernels {
   const char* isa;
   void (*scores)(float* S, const float* Qt, const float* K, int64_t sk, int64_t N, int64_t d, float scale);
   void (*pv)(float* O, int64_t ldo, const float* P, const float* V, int64_t sv, int64_t N, int64_t d, bool acc);
-  void (*outer)(float* D, int64_t ldd, const float* A, const float* R, int64_t N, int64_t d, bool acc);
+  void (*outer)(float* D, int64_t ldd, const float* A, const float* R, int64_t N, int64_t d, int64_t nblk,
+                float scale);
   void (*softmax)(float* S, int64_t N, float* m_out, float* sum_out);
   void (*scale)(float* S, int64_t N, const float* coef);
   void (*backward)(float* S, float* dP, int64_t N, const float* lse, const float* w, float* t_out);
@@ -394,8 +423,8 @@ struct Kernels {
     pv_body<VT>(O, ldo, P, V, sv, N, d, acc);                                                                  \
   }                                                                                                            \
   TARGET void NAME##_outer(float* D, int64_t ldd, const float* A, const float* R, int64_t N, int64_t d,          \
-                           bool acc) {                                                                         \
-    outer_body<VT>(D, ldd, A, R, N, d, acc);                                                                   \
+                           int64_t nblk, float scale) {                                                        \
+    outer_body<VT>(D, ldd, A, R, N, d, nblk, scale);                                                           \
   }                                                                                                            \
   TARGET void NAME##_softmax(float* S, int64_t N, float* m, float* sum) { softmax_body<VT>(S, N, m, sum); }      \
   TARGET void NAME##_scale(float* S, int64_t N, const float* coef) { scale_body<VT>(S, N, coef); }               \
@@ -502,52 +531,59 @@ void backward_f32(const Problem& P, const at::Tensor& grad, const at::Tensor& q,
   std::vector<float> part(per_layer ? static_cast<size_t>(P.B * P.H * P.Q * L * d) : 0);
   const int64_t units = P.B * P.Hkv * (per_layer ? L : 1);
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qt(d * W), gt(d * W), qr(W * d), gr(W * d), S(N * W), dP(N * W), C(W * d), acc(W * d);
+    // per row block blk: qt/gt [d][W] (q, dout transposed), S/dP [N][W] tiles, acc [W][d] (dq / scale); qr/gr
+    // [nblk W][d] (the group's q and dout rows, zero padded): the dk/dv outer products run over all blocks at once
+    std::vector<float> qt(nblk * d * W), gt(nblk * d * W), qr(nblk * W * d), gr(nblk * W * d), S(nblk * N * W),
+        dP(nblk * N * W), C(W * d), acc(nblk * W * d);
     alignas(64) float lse_b[MAX_W], w_b[MAX_W], t_b[MAX_W];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t l0 = per_layer ? unit % L : 0, l1 = per_layer ? l0 + 1 : L;
       const int64_t bh = per_layer ? unit / L : unit, hk = bh % P.Hkv, b = bh / P.Hkv;
+      const int64_t grow0 = (b * P.H + hk * P.G) * P.Q;  // global row of the group's first row
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const int64_t r0 = blk * W, R = std::min(W, GQ - r0);
-        const int64_t row0 = (b * P.H + hk * P.G) * P.Q + r0;
-        transpose_rows(qt.data(), qp + row0 * d, W, R, d);
-        transpose_rows(gt.data(), gp + row0 * d, W, R, d);
-        std::fill(qr.begin() + R * d, qr.end(), 0.0f);
-        std::fill(gr.begin() + R * d, gr.end(), 0.0f);
-        std::copy(qp + row0 * d, qp + (row0 + R) * d, qr.begin());
-        std::copy(gp + row0 * d, gp + (row0 + R) * d, gr.begin());
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t l = l0; l < l1; ++l) {
-          const float* kb = static_cast<const float*>(k.ptr[l]) + b * k.sb + hk * k.sh;
-          const float* vb = static_cast<const float*>(v.ptr[l]) + b * v.sb + hk * v.sh;
-          float* dkb = dkp + ((b * P.Hkv + hk) * L + l) * N * d;
-          float* dvb = dvp + ((b * P.Hkv + hk) * L + l) * N * d;
+        transpose_rows(qt.data() + blk * d * W, qp + (grow0 + r0) * d, W, R, d);
+        transpose_rows(gt.data() + blk * d * W, gp + (grow0 + r0) * d, W, R, d);
+      }
+      std::fill(qr.begin() + GQ * d, qr.end(), 0.0f);
+      std::fill(gr.begin() + GQ * d, gr.end(), 0.0f);
+      std::copy(qp + grow0 * d, qp + (grow0 + GQ) * d, qr.begin());
+      std::copy(gp + grow0 * d, gp + (grow0 + GQ) * d, gr.begin());
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t l = l0; l < l1; ++l) {
+        const float* kb = static_cast<const float*>(k.ptr[l]) + b * k.sb + hk * k.sh;
+        const float* vb = static_cast<const float*>(v.ptr[l]) + b * v.sb + hk * v.sh;
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          const int64_t r0 = blk * W, R = std::min(W, GQ - r0), row0 = grow0 + r0;
+          float *Sb = S.data() + blk * N * W, *dPb = dP.data() + blk * N * W;
           for (int64_t j = 0; j < W; ++j) {
             const float ls = j < R ? lp[(row0 + j) * L + l] : -inf;
             lse_b[j] = std::isinf(ls) ? inf : ls;  // no probabilities: exp(x - inf) = 0
             w_b[j] = j < R ? wp[(b * P.Q + (r0 + j) % P.Q) * L + l] : 0.0f;
           }
-          kern.scores(S.data(), qt.data(), kb, k.sn, N, d, scale);
-          apply_mask(P, S.data(), W, b, l, r0, R, -inf);
-          kern.scores(dP.data(), gt.data(), vb, v.sn, N, d, 1.0f);
-          kern.backward(S.data(), dP.data(), N, lse_b, w_b, t_b);  // S <- dS, dP <- w P
+          kern.scores(Sb, qt.data() + blk * d * W, kb, k.sn, N, d, scale);
+          apply_mask(P, Sb, W, b, l, r0, R, -inf);
+          kern.scores(dPb, gt.data() + blk * d * W, vb, v.sn, N, d, 1.0f);
+          kern.backward(Sb, dPb, N, lse_b, w_b, t_b);  // S <- dS, dP <- w P
           for (int64_t j = 0; j < R; ++j) tp[(row0 + j) * L + l] = t_b[j];
-          kern.pv(C.data(), d, S.data(), kb, k.sn, N, d, false);  // this layer's part of dq / scale
+          kern.pv(C.data(), d, Sb, kb, k.sn, N, d, false);  // this layer's part of dq / scale
           if (per_layer) {
             for (int64_t j = 0; j < R; ++j) {
               std::copy(C.begin() + j * d, C.begin() + (j + 1) * d, part.begin() + ((row0 + j) * L + l) * d);
             }
           } else {
-            for (int64_t i = 0; i < R * d; ++i) acc[i] += C[i];
-          }
-          kern.outer(dkb, d, S.data(), qr.data(), N, d, blk > 0);
-          kern.outer(dvb, d, dP.data(), gr.data(), N, d, blk > 0);
-          if (blk == nblk - 1 && scale != 1.0f) {
-            for (int64_t i = 0; i < N * d; ++i) dkb[i] *= scale;
+            float* a = acc.data() + blk * W * d;
+            for (int64_t i = 0; i < R * d; ++i) a[i] += C[i];
           }
         }
-        if (!per_layer) {
-          for (int64_t i = 0; i < R * d; ++i) dqp[row0 * d + i] = acc[i] * scale;
+        kern.outer(dkp + ((b * P.Hkv + hk) * L + l) * N * d, d, S.data(), qr.data(), N, d, nblk, scale);
+        kern.outer(dvp + ((b * P.Hkv + hk) * L + l) * N * d, d, dP.data(), gr.data(), N, d, nblk, 1.0f);
+      }
+      if (!per_layer) {
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          const int64_t r0 = blk * W, R = std::min(W, GQ - r0);
+          const float* a = acc.data() + blk * W * d;
+          for (int64_t i = 0; i < R * d; ++i) dqp[(grow0 + r0) * d + i] = a[i] * scale;
         }
       }
     }
