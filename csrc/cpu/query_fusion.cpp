@@ -3,7 +3,8 @@
 // float32 (forward_f32, backward_f32): blocked. Up to W rows (head, query) of one key/value head group
 // against all tokens of a layer as a token-major score tile, so each key/value row read serves all rows of
 // the block (W = 16 with AVX-512, 8 with AVX2 + FMA or the portable build, chosen at run time); vectorised exp;
-// backward per (b, h') or (b, h', l) unit writing dq, dk, dv, t without cross-thread reductions. Other dtypes (forward_kernel, dq_kernel, dkdv_kernel): one thread per query row
+// backward per (b, h') or (b, h', l) unit writing dq, dk, dv, t without cross-thread reductions.
+// Other dtypes (forward_kernel, dq_kernel, dkdv_kernel): one thread per query row
 // streams the keys/values (forward, dq/t); the tokens' pass gives each (b, h', l, n) to one thread, which
 // sums over its group's heads and the queries in a fixed order. All paths deterministic, no atomics.
 // Keys/values arrive as [one tensor [B, Hkv, L, N, d]] or L layer tensors [B, Hkv, N, d] sharing strides.
@@ -262,22 +263,39 @@ AMFOR_INLINE void scores_body(float* S, const float* Qt, const float* K, int64_t
   }
 }
 
-// O[j][c] (+)= sum_n P[n][j] * V[n, c] for j < W, c < d (O: [W][ldo]); W accumulators (one per row).
-template <class V>
-AMFOR_INLINE void pv_body(float* O, int64_t ldo, const float* P, const float* Vp, int64_t sv, int64_t N, int64_t d,
+// O[j][c] (+)= sum_n P[n][j] * V[n, c] for j < rows (rounded up to ROWS), c < d (O: [W][ldo]). ROWS rows x COLS
+// vectors of columns at a time (ROWS COLS accumulators); rows beyond are left as they are.
+template <class V, int64_t ROWS, int64_t COLS>
+AMFOR_INLINE void pv_tile(float* O, int64_t ldo, const float* P, const float* Vp, int64_t sv, int64_t N, int64_t rows,
                           bool accumulate) {
   constexpr int64_t W = VecTraits<V>::W;
-  int64_t c = 0;
-  for (; c + W <= d; c += W) {
-    V a[W];
-    for (int64_t j = 0; j < W; ++j) a[j] = accumulate ? loadv<V>(O + j * ldo + c) : V{};
-    for (int64_t n = 0; n < N; ++n) {
-      const V vv = loadv<V>(Vp + n * sv + c);
-      const float* p = P + n * W;
-      for (int64_t j = 0; j < W; ++j) a[j] += p[j] * vv;
+  for (int64_t j0 = 0; j0 < rows; j0 += ROWS) {
+    V a[ROWS][COLS];
+    for (int64_t r = 0; r < ROWS; ++r) {
+      for (int64_t u = 0; u < COLS; ++u) a[r][u] = accumulate ? loadv<V>(O + (j0 + r) * ldo + u * W) : V{};
     }
-    for (int64_t j = 0; j < W; ++j) storev(O + j * ldo + c, a[j]);
+    for (int64_t n = 0; n < N; ++n) {
+      V vv[COLS];
+      for (int64_t u = 0; u < COLS; ++u) vv[u] = loadv<V>(Vp + n * sv + u * W);
+      const float* p = P + n * W + j0;
+      for (int64_t r = 0; r < ROWS; ++r) {
+        for (int64_t u = 0; u < COLS; ++u) a[r][u] += p[r] * vv[u];
+      }
+    }
+    for (int64_t r = 0; r < ROWS; ++r) {
+      for (int64_t u = 0; u < COLS; ++u) storev(O + (j0 + r) * ldo + u * W, a[r][u]);
+    }
   }
+}
+
+template <class V, int64_t ROWS, int64_t COLS>
+AMFOR_INLINE void pv_body(float* O, int64_t ldo, const float* P, const float* Vp, int64_t sv, int64_t N, int64_t d,
+                          int64_t rows, bool accumulate) {
+  constexpr int64_t W = VecTraits<V>::W;
+  static_assert(W % ROWS == 0, "ROWS must divide the tile width");
+  int64_t c = 0;
+  for (; c + COLS * W <= d; c += COLS * W) pv_tile<V, ROWS, COLS>(O + c, ldo, P, Vp + c, sv, N, rows, accumulate);
+  for (; c + W <= d; c += W) pv_tile<V, ROWS, 1>(O + c, ldo, P, Vp + c, sv, N, rows, accumulate);
   for (; c < d; ++c) {  // tail columns (d % W)
     V a{};
     if (accumulate) {
@@ -290,39 +308,50 @@ AMFOR_INLINE void pv_body(float* O, int64_t ldo, const float* P, const float* Vp
 
 // D[n, c] = scale * sum_blk sum_j A_blk[n][j] * R[blk W + j][c] for n < N, c < d: the outer products of nblk
 // tiles A_blk [N][W] (consecutive, N W apart) with the row blocks of R [nblk W][d] (zero padded rows), summed
-// over the blocks in order and written once. 8 tokens x one vector of columns at a time (8 accumulators),
-// the 8 tokens' rows written column block after column block (sequential stores).
-template <class V>
+// over the blocks in order and written once. TOK tokens x COLS vectors of columns at a time (TOK COLS
+// accumulators), the tokens' rows written column block after column block.
+template <class V, int64_t TOK, int64_t COLS>
+AMFOR_INLINE void outer_tile(float* D, int64_t ldd, const float* A, const float* R, int64_t N, int64_t d,
+                             int64_t nblk, float scale) {
+  constexpr int64_t W = VecTraits<V>::W;
+  V a[TOK][COLS];
+  for (int64_t t = 0; t < TOK; ++t) {
+    for (int64_t u = 0; u < COLS; ++u) a[t][u] = V{};
+  }
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    const float* p = A + blk * N * W;
+    const float* r = R + blk * W * d;
+    for (int64_t j = 0; j < W; ++j) {
+      V rv[COLS];
+      for (int64_t u = 0; u < COLS; ++u) rv[u] = loadv<V>(r + j * d + u * W);
+      for (int64_t t = 0; t < TOK; ++t) {
+        for (int64_t u = 0; u < COLS; ++u) a[t][u] += p[t * W + j] * rv[u];
+      }
+    }
+  }
+  for (int64_t t = 0; t < TOK; ++t) {
+    for (int64_t u = 0; u < COLS; ++u) storev(D + t * ldd + u * W, a[t][u] * scale);
+  }
+}
+
+template <class V, int64_t TOK, int64_t COLS>
 AMFOR_INLINE void outer_body(float* D, int64_t ldd, const float* A, const float* R, int64_t N, int64_t d,
                              int64_t nblk, float scale) {
   constexpr int64_t W = VecTraits<V>::W;
-  int64_t n = 0;
-  for (; n + 8 <= N; n += 8) {
+  for (int64_t n = 0; n < N;) {
+    const bool full = n + TOK <= N;  // else the tail tokens (N % TOK), one at a time
     int64_t c = 0;
-    for (; c + W <= d; c += W) {
-      V a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{};
-      for (int64_t blk = 0; blk < nblk; ++blk) {
-        const float* p = A + blk * N * W + n * W;
-        const float* r = R + blk * W * d + c;
-        for (int64_t j = 0; j < W; ++j) {
-          const V rv = loadv<V>(r + j * d);
-          a0 += p[j] * rv;
-          a1 += p[W + j] * rv;
-          a2 += p[2 * W + j] * rv;
-          a3 += p[3 * W + j] * rv;
-          a4 += p[4 * W + j] * rv;
-          a5 += p[5 * W + j] * rv;
-          a6 += p[6 * W + j] * rv;
-          a7 += p[7 * W + j] * rv;
-        }
+    if (full) {
+      for (; c + COLS * W <= d; c += COLS * W) {
+        outer_tile<V, TOK, COLS>(D + n * ldd + c, ldd, A + n * W, R + c, N, d, nblk, scale);
       }
-      float* dst = D + n * ldd + c;
-      storev(dst, a0 * scale), storev(dst + ldd, a1 * scale), storev(dst + 2 * ldd, a2 * scale);
-      storev(dst + 3 * ldd, a3 * scale), storev(dst + 4 * ldd, a4 * scale), storev(dst + 5 * ldd, a5 * scale);
-      storev(dst + 6 * ldd, a6 * scale), storev(dst + 7 * ldd, a7 * scale);
+      for (; c + W <= d; c += W) outer_tile<V, TOK, 1>(D + n * ldd + c, ldd, A + n * W, R + c, N, d, nblk, scale);
+    } else {
+      for (; c + W <= d; c += W) outer_tile<V, 1, 1>(D + n * ldd + c, ldd, A + n * W, R + c, N, d, nblk, scale);
     }
+    const int64_t n1 = full ? n + TOK : n + 1;
     for (; c < d; ++c) {  // tail columns (d % W)
-      for (int64_t t = n; t < n + 8; ++t) {
+      for (int64_t t = n; t < n1; ++t) {
         float a = 0.0f;
         for (int64_t blk = 0; blk < nblk; ++blk) {
           for (int64_t j = 0; j < W; ++j) a += A[blk * N * W + t * W + j] * R[(blk * W + j) * d + c];
@@ -330,23 +359,7 @@ AMFOR_INLINE void outer_body(float* D, int64_t ldd, const float* A, const float*
         D[t * ldd + c] = a * scale;
       }
     }
-  }
-  for (; n < N; ++n) {  // tail tokens (N % 8)
-    int64_t c = 0;
-    for (; c + W <= d; c += W) {
-      V a0{};
-      for (int64_t blk = 0; blk < nblk; ++blk) {
-        for (int64_t j = 0; j < W; ++j) a0 += A[blk * N * W + n * W + j] * loadv<V>(R + (blk * W + j) * d + c);
-      }
-      storev(D + n * ldd + c, a0 * scale);
-    }
-    for (; c < d; ++c) {
-      float a = 0.0f;
-      for (int64_t blk = 0; blk < nblk; ++blk) {
-        for (int64_t j = 0; j < W; ++j) a += A[blk * N * W + n * W + j] * R[(blk * W + j) * d + c];
-      }
-      D[n * ldd + c] = a * scale;
-    }
+    n = n1;
   }
 }
 
@@ -402,9 +415,9 @@ AMFOR_INLINE void backward_body(float* S, float* dP, int64_t N, const float* lse
 // The helpers compiled for one ISA, with the tile width W they use.
 struct Kernels {
   int64_t W;
-  const char* isa;
   void (*scores)(float* S, const float* Qt, const float* K, int64_t sk, int64_t N, int64_t d, float scale);
-  void (*pv)(float* O, int64_t ldo, const float* P, const float* V, int64_t sv, int64_t N, int64_t d, bool acc);
+  void (*pv)(float* O, int64_t ldo, const float* P, const float* V, int64_t sv, int64_t N, int64_t d, int64_t rows,
+             bool acc);
   void (*outer)(float* D, int64_t ldd, const float* A, const float* R, int64_t N, int64_t d, int64_t nblk,
                 float scale);
   void (*softmax)(float* S, int64_t N, float* m_out, float* sum_out);
@@ -412,32 +425,35 @@ struct Kernels {
   void (*backward)(float* S, float* dP, int64_t N, const float* lse, const float* w, float* t_out);
 };
 
-// NAME: a `Kernels` of the bodies on vector type VT, each compiled under the function attribute TARGET.
-#define AMFOR_QF_KERNELS(NAME, ISA, TARGET, VT)                                                                   \
+// NAME: a `Kernels` of the bodies on vector type VT, each compiled under the function attribute TARGET; the
+// register blocking of pv (PV_ROWS rows x PV_COLS column vectors) and outer (OUT_TOK tokens x OUT_COLS).
+#define AMFOR_QF_KERNELS(NAME, TARGET, VT, PV_ROWS, PV_COLS, OUT_TOK, OUT_COLS)                                  \
   TARGET void NAME##_scores(float* S, const float* Qt, const float* K, int64_t sk, int64_t N, int64_t d,         \
                             float scale) {                                                                     \
     scores_body<VT>(S, Qt, K, sk, N, d, scale);                                                                \
   }                                                                                                            \
   TARGET void NAME##_pv(float* O, int64_t ldo, const float* P, const float* V, int64_t sv, int64_t N, int64_t d, \
-                        bool acc) {                                                                            \
-    pv_body<VT>(O, ldo, P, V, sv, N, d, acc);                                                                  \
+                        int64_t rows, bool acc) {                                                              \
+    pv_body<VT, PV_ROWS, PV_COLS>(O, ldo, P, V, sv, N, d, rows, acc);                                          \
   }                                                                                                            \
   TARGET void NAME##_outer(float* D, int64_t ldd, const float* A, const float* R, int64_t N, int64_t d,          \
                            int64_t nblk, float scale) {                                                        \
-    outer_body<VT>(D, ldd, A, R, N, d, nblk, scale);                                                           \
+    outer_body<VT, OUT_TOK, OUT_COLS>(D, ldd, A, R, N, d, nblk, scale);                                        \
   }                                                                                                            \
   TARGET void NAME##_softmax(float* S, int64_t N, float* m, float* sum) { softmax_body<VT>(S, N, m, sum); }      \
   TARGET void NAME##_scale(float* S, int64_t N, const float* coef) { scale_body<VT>(S, N, coef); }               \
   TARGET void NAME##_backward(float* S, float* dP, int64_t N, const float* lse, const float* w, float* t) {      \
     backward_body<VT>(S, dP, N, lse, w, t);                                                                    \
   }                                                                                                            \
-  const Kernels NAME = {VecTraits<VT>::W, ISA,          NAME##_scores, NAME##_pv,      NAME##_outer,           \
-                        NAME##_softmax,   NAME##_scale, NAME##_backward};
+  const Kernels NAME = {VecTraits<VT>::W, NAME##_scores, NAME##_pv,      NAME##_outer,                          \
+                        NAME##_softmax,   NAME##_scale,  NAME##_backward};
 
-AMFOR_QF_KERNELS(portable_kernels, "portable", , vec::v8)
+// 32 zmm registers with AVX-512: 16 rows x 1 and 8 tokens x 1 (16 and 8 accumulators, 1 operand vector).
+// 16 ymm with AVX2: 4 x 2 both (8 accumulators; 2 operand vectors per 4 broadcasts: fewer loads per FMA).
+AMFOR_QF_KERNELS(portable_kernels, , vec::v8, 4, 2, 4, 2)
 #if defined(__x86_64__) || defined(__i386__)
-AMFOR_QF_KERNELS(avx2_kernels, "avx2", __attribute__((target("avx2,fma"))), vec::v8)
-AMFOR_QF_KERNELS(avx512_kernels, "avx512", __attribute__((target("avx512f"))), vec::v16)
+AMFOR_QF_KERNELS(avx2_kernels, __attribute__((target("avx2,fma"))), vec::v8, 4, 2, 4, 2)
+AMFOR_QF_KERNELS(avx512_kernels, __attribute__((target("avx512f"))), vec::v16, 16, 1, 8, 1)
 #endif
 #undef AMFOR_QF_KERNELS
 
@@ -505,7 +521,7 @@ void forward_f32(const Problem& P, const at::Tensor& q, const LayerView& k, cons
           coef[j] = live ? wp[(b * P.Q + (r0 + j) % P.Q) * L + l] / sum[j] : 0.0f;
         }
         kern.scale(S.data(), N, coef);
-        kern.pv(O.data(), d, S.data(), vb, v.sn, N, d, l > 0);
+        kern.pv(O.data(), d, S.data(), vb, v.sn, N, d, R, l > 0);
       }
       std::copy(O.begin(), O.begin() + R * d, op + row0 * d);
     }
@@ -566,7 +582,7 @@ void backward_f32(const Problem& P, const at::Tensor& grad, const at::Tensor& q,
           kern.scores(dPb, gt.data() + blk * d * W, vb, v.sn, N, d, 1.0f);
           kern.backward(Sb, dPb, N, lse_b, w_b, t_b);  // S <- dS, dP <- w P
           for (int64_t j = 0; j < R; ++j) tp[(row0 + j) * L + l] = t_b[j];
-          kern.pv(C.data(), d, Sb, kb, k.sn, N, d, false);  // this layer's part of dq / scale
+          kern.pv(C.data(), d, Sb, kb, k.sn, N, d, R, false);  // this layer's part of dq / scale
           if (per_layer) {
             for (int64_t j = 0; j < R; ++j) {
               std::copy(C.begin() + j * d, C.begin() + (j + 1) * d, part.begin() + ((row0 + j) * L + l) * d);
