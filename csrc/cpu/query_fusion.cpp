@@ -202,9 +202,9 @@ void dkdv_kernel(const Problem& P, const at::Tensor& grad, const at::Tensor& q, 
 // vector width of the ISA the kernels run with: 16 (one zmm) with AVX-512, 8 (one ymm) with AVX2 + FMA, 8 in
 // the portable fallback. The scores of the block against all N tokens of a layer are a [N][W] tile (token-major,
 // the rows of a token in one vector), so every key/value token row read is used by all rows of the block at
-// once. Register blocking: no inner loop keeps more than W (at most 16) accumulators and two operands live, so
-// the AVX2 code fits its 16 ymm registers (a 16-float vector there would be two ymm each: spills, measured in
-// docs/query_fusion.md). The helpers are always_inline bodies on a vector type (GCC vector extensions),
+// once. Register blocking: no inner loop keeps more than 16 accumulators (8 on AVX2) and 3 operands live, so
+// the AVX2 code fits its 16 ymm registers (16-float vectors there are two ymm each: they spilled, see
+// docs/query_fusion.md, "Measured"). The helpers are always_inline bodies on a vector type (GCC vector extensions),
 // compiled once per ISA inside target("...") functions and chosen at run time (`kernels()`).
 // Summation orders are fixed by the loops (never by the thread count): deterministic.
 // ---------------------------------------------------------------------------------------------------------
