@@ -24,10 +24,14 @@ import torch
 
 from amfor.ops import _registry
 
-# Measured on CPU (OpenMP build, docs/query_fusion.md): the C++ kernel beats the reference for float32 (its
-# blocked path); other dtypes run the plain per-row kernel, mostly slower than the reference, so auto keeps the
-# reference for them. cuda: not measured;
-# Triton has no float64 kernels, so float64 on CUDA takes the CUDA kernel (which has them).
+# Measured on CPU (OpenMP build, docs/query_fusion.md, "Measured"): the C++ kernel beats the reference for float32
+# (its blocked path, register-blocked per ISA). On an AVX2-only AMD EPYC (2026-12-06, 1 and 2 threads, the tiny
+# model's training-step calls, `python -m benchmarks.query_fusion_model_shapes`, best of 12) cpp takes 0.45-0.77x
+# the reference's time forward and 0.61-0.89x forward + backward (the projected path's, on one thread: a tie);
+# before its AVX2 code was register-blocked for 16 ymm it took 2.5-6.4x (spills, no FMA). So cpu:float32
+# stays cpp on AVX2 as on AVX-512 (the AMFF-Encoder's absorbed calls, where the time goes, gain most). Other
+# dtypes run the plain per-row kernel, mostly slower than the reference, so auto keeps the reference for them.
+# cuda: not measured; Triton has no float64 kernels, so float64 on CUDA takes the CUDA kernel (which has them).
 AUTO_ORDER = {"cuda": ("triton", "cuda"), "cuda:float64": ("cuda",), "cpu:float32": ("cpp",), "cpu": ()}
 MAX_HEAD_DIM = 1024  # the compiled kernels tile head dims up to this (the projection-absorbed path: d = D)
 MAX_LAYERS = 32  # the CUDA kernels pass per-layer pointers by value

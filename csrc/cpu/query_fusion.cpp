@@ -1,9 +1,10 @@
 // C++ CPU kernels of query_fusion_attention (see amfor/ops/query_fusion.py for the semantics).
 //
-// float32 (forward_f32, backward_f32): blocked. Up to 16 rows (head, query) of one key/value head group
+// float32 (forward_f32, backward_f32): blocked. Up to W rows (head, query) of one key/value head group
 // against all tokens of a layer as a token-major score tile, so each key/value row read serves all rows of
-// the block; vectorised exp; backward per (b, h') or (b, h', l) unit writing dq, dk, dv, t without
-// cross-thread reductions. Other dtypes (forward_kernel, dq_kernel, dkdv_kernel): one thread per query row
+// the block (W = 16 with AVX-512, 8 with AVX2 + FMA or the portable build, chosen at run time); vectorised exp;
+// backward per (b, h') or (b, h', l) unit writing dq, dk, dv, t without cross-thread reductions.
+// Other dtypes (forward_kernel, dq_kernel, dkdv_kernel): one thread per query row
 // streams the keys/values (forward, dq/t); the tokens' pass gives each (b, h', l, n) to one thread, which
 // sums over its group's heads and the queries in a fixed order. All paths deterministic, no atomics.
 // Keys/values arrive as [one tensor [B, Hkv, L, N, d]] or L layer tensors [B, Hkv, N, d] sharing strides.
@@ -197,33 +198,39 @@ void dkdv_kernel(const Problem& P, const at::Tensor& grad, const at::Tensor& q, 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// float32: blocked kernels. A block is up to RB = 16 rows (head, query) of one key/value head group; the
-// scores of the block against all N tokens of a layer are a [N][RB] tile (token-major, the rows of a token
-// in one vector), so every key/value token row read is used by all rows of the block at once. The helpers
-// use GCC vector extensions (v16 = 16 floats): one zmm in the AVX-512 clone, two ymm in the AVX2 clone.
+// float32: blocked kernels. A block is up to W rows (head, query) of one key/value head group, W the float
+// vector width of the ISA the kernels run with: 16 (one zmm) with AVX-512, 8 (one ymm) with AVX2 + FMA, 8 in
+// the portable fallback. The scores of the block against all N tokens of a layer are a [N][W] tile (token-major,
+// the rows of a token in one vector), so every key/value token row read is used by all rows of the block at
+// once. Register blocking: no inner loop keeps more than 16 accumulators (8 on AVX2) and 3 operands live, so
+// the AVX2 code fits its 16 ymm registers (16-float vectors there are two ymm each: they spilled, see
+// docs/query_fusion.md, "Measured"). The helpers are always_inline bodies on a vector type (GCC vector extensions),
+// compiled once per ISA inside target("...") functions and chosen at run time (`kernels()`).
 // Summation orders are fixed by the loops (never by the thread count): deterministic.
 // ---------------------------------------------------------------------------------------------------------
-constexpr int64_t RB = 16;
-using vec::load16;
-using vec::splat16;
-using vec::store16;
-using vec::v16;
-using vec::vexp16;
+constexpr int64_t MAX_W = 16;
+constexpr int64_t DCHUNK = 64;  // the score sums run over chunks of 64 head-dim columns, added in order
+using vec::loadv;
+using vec::splatv;
+using vec::storev;
+using vec::VecTraits;
+#define AMFOR_INLINE __attribute__((always_inline)) inline
 
-// S[n][j] = scale * sum_i Qt[i][j] * K[n, i] for n < N (Qt: [d][RB], the block's rows transposed, zero padded).
-// The sum runs over chunks of 64 head-dim columns, the chunk sums added in order (accuracy for d up to 1024).
-constexpr int64_t DCHUNK = 64;
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void scores16(float* S, const float* Qt, const float* K, int64_t sk, int64_t N, int64_t d, float scale) {
+// S[n][j] = scale * sum_i Qt[i][j] * K[n, i] for n < N (Qt: [d][W], the block's rows transposed, zero padded).
+// 8 tokens at a time (8 accumulators); the chunk sums are added in order through the tile.
+template <class V>
+AMFOR_INLINE void scores_body(float* S, const float* Qt, const float* K, int64_t sk, int64_t N, int64_t d,
+                              float scale) {
+  constexpr int64_t W = VecTraits<V>::W;
   int64_t n = 0;
   for (; n + 8 <= N; n += 8) {
     const float* k0 = K + n * sk;
-    v16 t[8];
+    float* s0 = S + n * W;
     for (int64_t i0 = 0; i0 < d; i0 += DCHUNK) {
       const int64_t i1 = std::min(d, i0 + DCHUNK);
-      v16 a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{};
+      V a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{};
       for (int64_t i = i0; i < i1; ++i) {
-        const v16 qv = load16(Qt + i * RB);
+        const V qv = loadv<V>(Qt + i * W);
         a0 += k0[i] * qv;
         a1 += k0[sk + i] * qv;
         a2 += k0[2 * sk + i] * qv;
@@ -233,177 +240,288 @@ void scores16(float* S, const float* Qt, const float* K, int64_t sk, int64_t N, 
         a6 += k0[6 * sk + i] * qv;
         a7 += k0[7 * sk + i] * qv;
       }
-      if (i0 == 0) {
-        t[0] = a0, t[1] = a1, t[2] = a2, t[3] = a3, t[4] = a4, t[5] = a5, t[6] = a6, t[7] = a7;
-      } else {
-        t[0] += a0, t[1] += a1, t[2] += a2, t[3] += a3, t[4] += a4, t[5] += a5, t[6] += a6, t[7] += a7;
+      if (i0 > 0) {
+        a0 = loadv<V>(s0) + a0, a1 = loadv<V>(s0 + W) + a1, a2 = loadv<V>(s0 + 2 * W) + a2;
+        a3 = loadv<V>(s0 + 3 * W) + a3, a4 = loadv<V>(s0 + 4 * W) + a4, a5 = loadv<V>(s0 + 5 * W) + a5;
+        a6 = loadv<V>(s0 + 6 * W) + a6, a7 = loadv<V>(s0 + 7 * W) + a7;
       }
+      storev(s0, a0), storev(s0 + W, a1), storev(s0 + 2 * W, a2), storev(s0 + 3 * W, a3);
+      storev(s0 + 4 * W, a4), storev(s0 + 5 * W, a5), storev(s0 + 6 * W, a6), storev(s0 + 7 * W, a7);
     }
-    if (d == 0) {
-      for (auto& x : t) x = v16{};
-    }
-    for (int64_t j = 0; j < 8; ++j) store16(S + (n + j) * RB, t[j] * scale);
+    for (int64_t j = 0; j < 8; ++j) storev(s0 + j * W, (d == 0 ? V{} : loadv<V>(s0 + j * W)) * scale);
   }
   for (; n < N; ++n) {
     const float* k0 = K + n * sk;
-    v16 t{};
+    V t{};
     for (int64_t i0 = 0; i0 < d; i0 += DCHUNK) {
       const int64_t i1 = std::min(d, i0 + DCHUNK);
-      v16 a0{};
-      for (int64_t i = i0; i < i1; ++i) a0 += k0[i] * load16(Qt + i * RB);
+      V a0{};
+      for (int64_t i = i0; i < i1; ++i) a0 += k0[i] * loadv<V>(Qt + i * W);
       t = i0 == 0 ? a0 : t + a0;
     }
-    store16(S + n * RB, t * scale);
+    storev(S + n * W, t * scale);
   }
 }
 
-// O[j][c] (+)= sum_n P[n][j] * V[n, c] for j < RB, c < d (O: [RB][ldo]).
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void pv16(float* O, int64_t ldo, const float* P, const float* V, int64_t sv, int64_t N, int64_t d, bool accumulate) {
-  int64_t c = 0;
-  for (; c + 16 <= d; c += 16) {
-    v16 a[RB];
-    for (int64_t j = 0; j < RB; ++j) a[j] = accumulate ? load16(O + j * ldo + c) : v16{};
+// O[j][c] (+)= sum_n P[n][j] * V[n, c] for j < rows (rounded up to ROWS), c < d (O: [W][ldo]). ROWS rows x COLS
+// vectors of columns at a time (ROWS COLS accumulators); rows beyond are left as they are.
+template <class V, int64_t ROWS, int64_t COLS>
+AMFOR_INLINE void pv_tile(float* O, int64_t ldo, const float* P, const float* Vp, int64_t sv, int64_t N, int64_t rows,
+                          bool accumulate) {
+  constexpr int64_t W = VecTraits<V>::W;
+  for (int64_t j0 = 0; j0 < rows; j0 += ROWS) {
+    V a[ROWS][COLS];
+    for (int64_t r = 0; r < ROWS; ++r) {
+      for (int64_t u = 0; u < COLS; ++u) a[r][u] = accumulate ? loadv<V>(O + (j0 + r) * ldo + u * W) : V{};
+    }
     for (int64_t n = 0; n < N; ++n) {
-      const v16 vv = load16(V + n * sv + c);
-      const float* p = P + n * RB;
-      for (int64_t j = 0; j < RB; ++j) a[j] += p[j] * vv;
-    }
-    for (int64_t j = 0; j < RB; ++j) store16(O + j * ldo + c, a[j]);
-  }
-  for (; c < d; ++c) {  // tail columns (d % 16)
-    v16 a = v16{};
-    if (accumulate) {
-      for (int64_t j = 0; j < RB; ++j) a[j] = O[j * ldo + c];
-    }
-    for (int64_t n = 0; n < N; ++n) a += V[n * sv + c] * load16(P + n * RB);
-    for (int64_t j = 0; j < RB; ++j) O[j * ldo + c] = a[j];
-  }
-}
-
-// D[n, c] (+)= sum_j A[n][j] * R[j][c] for n < N, c < d (A: [N][RB]; R: [RB][d], zero padded rows).
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void outer16(float* D, int64_t ldd, const float* A, const float* R, int64_t N, int64_t d, bool accumulate) {
-  int64_t c = 0;
-  for (; c + 16 <= d; c += 16) {
-    int64_t n = 0;
-    for (; n + 8 <= N; n += 8) {  // 8 independent accumulation chains
-      v16 a[8];
-      for (int64_t t = 0; t < 8; ++t) a[t] = accumulate ? load16(D + (n + t) * ldd + c) : v16{};
-      const float* p = A + n * RB;
-      for (int64_t j = 0; j < RB; ++j) {
-        const v16 rv = load16(R + j * d + c);
-        for (int64_t t = 0; t < 8; ++t) a[t] += p[t * RB + j] * rv;
+      V vv[COLS];
+      for (int64_t u = 0; u < COLS; ++u) vv[u] = loadv<V>(Vp + n * sv + u * W);
+      const float* p = P + n * W + j0;
+      for (int64_t r = 0; r < ROWS; ++r) {
+        for (int64_t u = 0; u < COLS; ++u) a[r][u] += p[r] * vv[u];
       }
-      for (int64_t t = 0; t < 8; ++t) store16(D + (n + t) * ldd + c, a[t]);
     }
-    for (; n < N; ++n) {
-      v16 a0 = accumulate ? load16(D + n * ldd + c) : v16{};
-      for (int64_t j = 0; j < RB; ++j) a0 += A[n * RB + j] * load16(R + j * d + c);
-      store16(D + n * ldd + c, a0);
-    }
-  }
-  for (; c < d; ++c) {
-    for (int64_t n = 0; n < N; ++n) {
-      float a = accumulate ? D[n * ldd + c] : 0.0f;
-      for (int64_t j = 0; j < RB; ++j) a += A[n * RB + j] * R[j * d + c];
-      D[n * ldd + c] = a;
+    for (int64_t r = 0; r < ROWS; ++r) {
+      for (int64_t u = 0; u < COLS; ++u) storev(O + (j0 + r) * ldo + u * W, a[r][u]);
     }
   }
 }
 
-// Forward softmax of a [N][RB] tile of scaled scores in place: m = row max, P = exp(S - m), sum = row sums.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void softmax16(float* S, int64_t N, float* m_out, float* sum_out) {
-  v16 m = splat16(-std::numeric_limits<float>::infinity());
+template <class V, int64_t ROWS, int64_t COLS>
+AMFOR_INLINE void pv_body(float* O, int64_t ldo, const float* P, const float* Vp, int64_t sv, int64_t N, int64_t d,
+                          int64_t rows, bool accumulate) {
+  constexpr int64_t W = VecTraits<V>::W;
+  static_assert(W % ROWS == 0, "ROWS must divide the tile width");
+  int64_t c = 0;
+  for (; c + COLS * W <= d; c += COLS * W) pv_tile<V, ROWS, COLS>(O + c, ldo, P, Vp + c, sv, N, rows, accumulate);
+  for (; c + W <= d; c += W) pv_tile<V, ROWS, 1>(O + c, ldo, P, Vp + c, sv, N, rows, accumulate);
+  for (; c < d; ++c) {  // tail columns (d % W)
+    V a{};
+    if (accumulate) {
+      for (int64_t j = 0; j < W; ++j) a[j] = O[j * ldo + c];
+    }
+    for (int64_t n = 0; n < N; ++n) a += Vp[n * sv + c] * loadv<V>(P + n * W);
+    for (int64_t j = 0; j < W; ++j) O[j * ldo + c] = a[j];
+  }
+}
+
+// D[n, c] = scale * sum_blk sum_j A_blk[n][j] * R[blk W + j][c] for n < N, c < d: the outer products of nblk
+// tiles A_blk [N][W] (consecutive, N W apart) with the row blocks of R [nblk W][d] (zero padded rows), summed
+// over the blocks in order and written once. TOK tokens x COLS vectors of columns at a time (TOK COLS
+// accumulators), the tokens' rows written column block after column block.
+template <class V, int64_t TOK, int64_t COLS>
+AMFOR_INLINE void outer_tile(float* D, int64_t ldd, const float* A, const float* R, int64_t N, int64_t d,
+                             int64_t nblk, float scale) {
+  constexpr int64_t W = VecTraits<V>::W;
+  V a[TOK][COLS];
+  for (int64_t t = 0; t < TOK; ++t) {
+    for (int64_t u = 0; u < COLS; ++u) a[t][u] = V{};
+  }
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    const float* p = A + blk * N * W;
+    const float* r = R + blk * W * d;
+    for (int64_t j = 0; j < W; ++j) {
+      V rv[COLS];
+      for (int64_t u = 0; u < COLS; ++u) rv[u] = loadv<V>(r + j * d + u * W);
+      for (int64_t t = 0; t < TOK; ++t) {
+        for (int64_t u = 0; u < COLS; ++u) a[t][u] += p[t * W + j] * rv[u];
+      }
+    }
+  }
+  for (int64_t t = 0; t < TOK; ++t) {
+    for (int64_t u = 0; u < COLS; ++u) storev(D + t * ldd + u * W, a[t][u] * scale);
+  }
+}
+
+template <class V, int64_t TOK, int64_t COLS>
+AMFOR_INLINE void outer_body(float* D, int64_t ldd, const float* A, const float* R, int64_t N, int64_t d,
+                             int64_t nblk, float scale) {
+  constexpr int64_t W = VecTraits<V>::W;
+  for (int64_t n = 0; n < N;) {
+    const bool full = n + TOK <= N;  // else the tail tokens (N % TOK), one at a time
+    int64_t c = 0;
+    if (full) {
+      for (; c + COLS * W <= d; c += COLS * W) {
+        outer_tile<V, TOK, COLS>(D + n * ldd + c, ldd, A + n * W, R + c, N, d, nblk, scale);
+      }
+      for (; c + W <= d; c += W) outer_tile<V, TOK, 1>(D + n * ldd + c, ldd, A + n * W, R + c, N, d, nblk, scale);
+    } else {
+      for (; c + W <= d; c += W) outer_tile<V, 1, 1>(D + n * ldd + c, ldd, A + n * W, R + c, N, d, nblk, scale);
+    }
+    const int64_t n1 = full ? n + TOK : n + 1;
+    for (; c < d; ++c) {  // tail columns (d % W)
+      for (int64_t t = n; t < n1; ++t) {
+        float a = 0.0f;
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          for (int64_t j = 0; j < W; ++j) a += A[blk * N * W + t * W + j] * R[(blk * W + j) * d + c];
+        }
+        D[t * ldd + c] = a * scale;
+      }
+    }
+    n = n1;
+  }
+}
+
+// Forward softmax of a [N][W] tile of scaled scores in place: m = row max, P = exp(S - m), sum = row sums.
+template <class V>
+AMFOR_INLINE void softmax_body(float* S, int64_t N, float* m_out, float* sum_out) {
+  constexpr int64_t W = VecTraits<V>::W;
+  const V neg_inf = splatv<V>(-std::numeric_limits<float>::infinity());
+  V m = neg_inf;
   for (int64_t n = 0; n < N; ++n) {
-    const v16 s = load16(S + n * RB);
+    const V s = loadv<V>(S + n * W);
     m = s > m ? s : m;
   }
-  const v16 msafe = m == splat16(-std::numeric_limits<float>::infinity()) ? v16{} : m;
-  v16 sum{};
+  const V msafe = m == neg_inf ? V{} : m;
+  V sum{};
   for (int64_t n = 0; n < N; ++n) {
-    const v16 p = vexp16(load16(S + n * RB) - msafe);
-    store16(S + n * RB, p);
+    const V p = vec::vexp<V>(loadv<V>(S + n * W) - msafe);
+    storev(S + n * W, p);
     sum += p;
   }
-  store16(m_out, m);
-  store16(sum_out, sum);
+  storev(m_out, m);
+  storev(sum_out, sum);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void scale16(float* S, int64_t N, const float* coef) {
-  const v16 c = load16(coef);
-  for (int64_t n = 0; n < N; ++n) store16(S + n * RB, load16(S + n * RB) * c);
+// S[n][j] *= coef[j].
+template <class V>
+AMFOR_INLINE void scale_body(float* S, int64_t N, const float* coef) {
+  constexpr int64_t W = VecTraits<V>::W;
+  const V c = loadv<V>(coef);
+  for (int64_t n = 0; n < N; ++n) storev(S + n * W, loadv<V>(S + n * W) * c);
 }
 
-// Backward of a [N][RB] tile: S (scaled scores) -> dS = w P (dP - t), dP -> w P, with P = exp(S - lse)
+// Backward of a [N][W] tile: S (scaled scores) -> dS = w P (dP - t), dP -> w P, with P = exp(S - lse)
 // (lse = +inf for rows without probabilities); t = sum_n P dP (in token order) to t_out.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void backward16(float* S, float* dP, int64_t N, const float* lse, const float* w, float* t_out) {
-  const v16 l = load16(lse), wv = load16(w);
-  v16 t{};
+template <class V>
+AMFOR_INLINE void backward_body(float* S, float* dP, int64_t N, const float* lse, const float* w, float* t_out) {
+  constexpr int64_t W = VecTraits<V>::W;
+  const V l = loadv<V>(lse), wv = loadv<V>(w);
+  V t{};
   for (int64_t n = 0; n < N; ++n) {
-    const v16 p = vexp16(load16(S + n * RB) - l);
-    store16(S + n * RB, p);
-    t += p * load16(dP + n * RB);
+    const V p = vec::vexp<V>(loadv<V>(S + n * W) - l);
+    storev(S + n * W, p);
+    t += p * loadv<V>(dP + n * W);
   }
   for (int64_t n = 0; n < N; ++n) {
-    const v16 wp = wv * load16(S + n * RB);
-    store16(S + n * RB, wp * (load16(dP + n * RB) - t));
-    store16(dP + n * RB, wp);
+    const V wp = wv * loadv<V>(S + n * W);
+    storev(S + n * W, wp * (loadv<V>(dP + n * W) - t));
+    storev(dP + n * W, wp);
   }
-  store16(t_out, t);
+  storev(t_out, t);
 }
 
-// Set S[n][j] = value where token n is masked for row j of the block (rows r0 + j of the group, j < R).
-void apply_mask16(const Problem& P, float* S, int64_t b, int64_t l, int64_t r0, int64_t R, float value) {
+// The helpers compiled for one ISA, with the tile width W they use.
+struct Kernels {
+  int64_t W;
+  void (*scores)(float* S, const float* Qt, const float* K, int64_t sk, int64_t N, int64_t d, float scale);
+  void (*pv)(float* O, int64_t ldo, const float* P, const float* V, int64_t sv, int64_t N, int64_t d, int64_t rows,
+             bool acc);
+  void (*outer)(float* D, int64_t ldd, const float* A, const float* R, int64_t N, int64_t d, int64_t nblk,
+                float scale);
+  void (*softmax)(float* S, int64_t N, float* m_out, float* sum_out);
+  void (*scale)(float* S, int64_t N, const float* coef);
+  void (*backward)(float* S, float* dP, int64_t N, const float* lse, const float* w, float* t_out);
+};
+
+// NAME: a `Kernels` of the bodies on vector type VT, each compiled under the function attribute TARGET; the
+// register blocking of pv (PV_ROWS rows x PV_COLS column vectors) and outer (OUT_TOK tokens x OUT_COLS).
+#define AMFOR_QF_KERNELS(NAME, TARGET, VT, PV_ROWS, PV_COLS, OUT_TOK, OUT_COLS)                                  \
+  TARGET void NAME##_scores(float* S, const float* Qt, const float* K, int64_t sk, int64_t N, int64_t d,         \
+                            float scale) {                                                                     \
+    scores_body<VT>(S, Qt, K, sk, N, d, scale);                                                                \
+  }                                                                                                            \
+  TARGET void NAME##_pv(float* O, int64_t ldo, const float* P, const float* V, int64_t sv, int64_t N, int64_t d, \
+                        int64_t rows, bool acc) {                                                              \
+    pv_body<VT, PV_ROWS, PV_COLS>(O, ldo, P, V, sv, N, d, rows, acc);                                          \
+  }                                                                                                            \
+  TARGET void NAME##_outer(float* D, int64_t ldd, const float* A, const float* R, int64_t N, int64_t d,          \
+                           int64_t nblk, float scale) {                                                        \
+    outer_body<VT, OUT_TOK, OUT_COLS>(D, ldd, A, R, N, d, nblk, scale);                                        \
+  }                                                                                                            \
+  TARGET void NAME##_softmax(float* S, int64_t N, float* m, float* sum) { softmax_body<VT>(S, N, m, sum); }      \
+  TARGET void NAME##_scale(float* S, int64_t N, const float* coef) { scale_body<VT>(S, N, coef); }               \
+  TARGET void NAME##_backward(float* S, float* dP, int64_t N, const float* lse, const float* w, float* t) {      \
+    backward_body<VT>(S, dP, N, lse, w, t);                                                                    \
+  }                                                                                                            \
+  const Kernels NAME = {VecTraits<VT>::W, NAME##_scores, NAME##_pv,      NAME##_outer,                          \
+                        NAME##_softmax,   NAME##_scale,  NAME##_backward};
+
+// 32 zmm registers with AVX-512: 16 rows x 1 and 8 tokens x 1 (16 and 8 accumulators, 1 operand vector).
+// 16 ymm with AVX2: 4 x 2 both (8 accumulators; 2 operand vectors per 4 broadcasts: fewer loads per FMA).
+AMFOR_QF_KERNELS(portable_kernels, , vec::v8, 4, 2, 4, 2)
+#if defined(__x86_64__) || defined(__i386__)
+AMFOR_QF_KERNELS(avx2_kernels, __attribute__((target("avx2,fma"))), vec::v8, 4, 2, 4, 2)
+AMFOR_QF_KERNELS(avx512_kernels, __attribute__((target("avx512f"))), vec::v16, 16, 1, 8, 1)
+#endif
+#undef AMFOR_QF_KERNELS
+
+// The helpers for this CPU: AVX-512 (W 16), else AVX2 with FMA (W 8), else the portable build (W 8).
+const Kernels& kernels() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const Kernels* chosen = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return &avx512_kernels;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2_kernels;
+    return &portable_kernels;
+  }();
+  return *chosen;
+#else
+  return portable_kernels;
+#endif
+}
+
+// Set S[n][j] = value where token n is masked for row j of the block (rows r0 + j of the group, j < R; tile
+// width W).
+void apply_mask(const Problem& P, float* S, int64_t W, int64_t b, int64_t l, int64_t r0, int64_t R, float value) {
   if (P.mask == nullptr) return;
   for (int64_t j = 0; j < R; ++j) {
     const bool* mrow = P.mask_row(b, (r0 + j) % P.Q, l);
     for (int64_t n = 0; n < P.N; ++n) {
-      if (!mrow[n]) S[n * RB + j] = value;
+      if (!mrow[n]) S[n * W + j] = value;
     }
   }
 }
 
-// Rows [r0, r0 + R) of the group starting at src (row stride d), transposed to [d][RB], zero padded.
-void transpose_rows(float* dst, const float* src, int64_t R, int64_t d) {
-  std::fill(dst, dst + d * RB, 0.0f);
+// Rows [r0, r0 + R) of the group starting at src (row stride d), transposed to [d][W], zero padded.
+void transpose_rows(float* dst, const float* src, int64_t W, int64_t R, int64_t d) {
+  std::fill(dst, dst + d * W, 0.0f);
   for (int64_t j = 0; j < R; ++j) {
-    for (int64_t i = 0; i < d; ++i) dst[i * RB + j] = src[j * d + i];
+    for (int64_t i = 0; i < d; ++i) dst[i * W + j] = src[j * d + i];
   }
 }
-
 void forward_f32(const Problem& P, const at::Tensor& q, const LayerView& k, const LayerView& v,
                  const at::Tensor& weights, at::Tensor& out, at::Tensor& lse) {
   const float* qp = q.data_ptr<float>();
   const float* wp = weights.data_ptr<float>();
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
-  const int64_t d = P.d, N = P.N, L = P.L, GQ = P.G * P.Q, nblk = (GQ + RB - 1) / RB;
+  const int64_t d = P.d, N = P.N, L = P.L, GQ = P.G * P.Q;
+  const Kernels& kern = kernels();
+  const int64_t W = kern.W, nblk = (GQ + W - 1) / W;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, P.B * P.Hkv * nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qt(d * RB), S(N * RB), O(RB * d);
-    alignas(64) float m[RB], sum[RB], coef[RB];
+    std::vector<float> qt(d * W), S(N * W), O(W * d);
+    alignas(64) float m[MAX_W], sum[MAX_W], coef[MAX_W];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t blk = unit % nblk, hk = (unit / nblk) % P.Hkv, b = unit / (nblk * P.Hkv);
-      const int64_t r0 = blk * RB, R = std::min(RB, GQ - r0);
+      const int64_t r0 = blk * W, R = std::min(W, GQ - r0);
       const int64_t row0 = (b * P.H + hk * P.G) * P.Q + r0;  // global row of the block's first row
-      transpose_rows(qt.data(), qp + row0 * d, R, d);
+      transpose_rows(qt.data(), qp + row0 * d, W, R, d);
       for (int64_t l = 0; l < L; ++l) {
         const float* kb = static_cast<const float*>(k.ptr[l]) + b * k.sb + hk * k.sh;
         const float* vb = static_cast<const float*>(v.ptr[l]) + b * v.sb + hk * v.sh;
-        scores16(S.data(), qt.data(), kb, k.sn, N, d, static_cast<float>(P.scale));
-        apply_mask16(P, S.data(), b, l, r0, R, neg_inf);
-        softmax16(S.data(), N, m, sum);
-        for (int64_t j = 0; j < RB; ++j) {
+        kern.scores(S.data(), qt.data(), kb, k.sn, N, d, static_cast<float>(P.scale));
+        apply_mask(P, S.data(), W, b, l, r0, R, neg_inf);
+        kern.softmax(S.data(), N, m, sum);
+        for (int64_t j = 0; j < W; ++j) {
           const bool live = j < R && m[j] != neg_inf;
           if (j < R) lp[(row0 + j) * L + l] = live ? m[j] + std::log(sum[j]) : neg_inf;
           coef[j] = live ? wp[(b * P.Q + (r0 + j) % P.Q) * L + l] / sum[j] : 0.0f;
         }
-        scale16(S.data(), N, coef);
-        pv16(O.data(), d, S.data(), vb, v.sn, N, d, l > 0);
+        kern.scale(S.data(), N, coef);
+        kern.pv(O.data(), d, S.data(), vb, v.sn, N, d, R, l > 0);
       }
       std::copy(O.begin(), O.begin() + R * d, op + row0 * d);
     }
@@ -416,7 +534,9 @@ void backward_f32(const Problem& P, const at::Tensor& grad, const at::Tensor& q,
   const float *gp = grad.data_ptr<float>(), *qp = q.data_ptr<float>();
   const float *wp = weights.data_ptr<float>(), *lp = lse.data_ptr<float>();
   float *dqp = dq.data_ptr<float>(), *tp = t.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
-  const int64_t d = P.d, N = P.N, L = P.L, GQ = P.G * P.Q, nblk = (GQ + RB - 1) / RB;
+  const int64_t d = P.d, N = P.N, L = P.L, GQ = P.G * P.Q;
+  const Kernels& kern = kernels();
+  const int64_t W = kern.W, nblk = (GQ + W - 1) / W;
   const float scale = static_cast<float>(P.scale), inf = std::numeric_limits<float>::infinity();
   // A work unit owns whole output elements. With many (b, h') it is one (b, h') (all layers; dq summed over
   // the layers in the unit); with few, one (b, h', l), and dq's per-layer parts go to a buffer
@@ -427,52 +547,59 @@ void backward_f32(const Problem& P, const at::Tensor& grad, const at::Tensor& q,
   std::vector<float> part(per_layer ? static_cast<size_t>(P.B * P.H * P.Q * L * d) : 0);
   const int64_t units = P.B * P.Hkv * (per_layer ? L : 1);
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qt(d * RB), gt(d * RB), qr(RB * d), gr(RB * d), S(N * RB), dP(N * RB), C(RB * d), acc(RB * d);
-    alignas(64) float lse16[RB], w16[RB], t16[RB];
+    // per row block blk: qt/gt [d][W] (q, dout transposed), S/dP [N][W] tiles, acc [W][d] (dq / scale); qr/gr
+    // [nblk W][d] (the group's q and dout rows, zero padded): the dk/dv outer products run over all blocks at once
+    std::vector<float> qt(nblk * d * W), gt(nblk * d * W), qr(nblk * W * d), gr(nblk * W * d), S(nblk * N * W),
+        dP(nblk * N * W), C(W * d), acc(nblk * W * d);
+    alignas(64) float lse_b[MAX_W], w_b[MAX_W], t_b[MAX_W];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t l0 = per_layer ? unit % L : 0, l1 = per_layer ? l0 + 1 : L;
       const int64_t bh = per_layer ? unit / L : unit, hk = bh % P.Hkv, b = bh / P.Hkv;
+      const int64_t grow0 = (b * P.H + hk * P.G) * P.Q;  // global row of the group's first row
       for (int64_t blk = 0; blk < nblk; ++blk) {
-        const int64_t r0 = blk * RB, R = std::min(RB, GQ - r0);
-        const int64_t row0 = (b * P.H + hk * P.G) * P.Q + r0;
-        transpose_rows(qt.data(), qp + row0 * d, R, d);
-        transpose_rows(gt.data(), gp + row0 * d, R, d);
-        std::fill(qr.begin() + R * d, qr.end(), 0.0f);
-        std::fill(gr.begin() + R * d, gr.end(), 0.0f);
-        std::copy(qp + row0 * d, qp + (row0 + R) * d, qr.begin());
-        std::copy(gp + row0 * d, gp + (row0 + R) * d, gr.begin());
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t l = l0; l < l1; ++l) {
-          const float* kb = static_cast<const float*>(k.ptr[l]) + b * k.sb + hk * k.sh;
-          const float* vb = static_cast<const float*>(v.ptr[l]) + b * v.sb + hk * v.sh;
-          float* dkb = dkp + ((b * P.Hkv + hk) * L + l) * N * d;
-          float* dvb = dvp + ((b * P.Hkv + hk) * L + l) * N * d;
-          for (int64_t j = 0; j < RB; ++j) {
+        const int64_t r0 = blk * W, R = std::min(W, GQ - r0);
+        transpose_rows(qt.data() + blk * d * W, qp + (grow0 + r0) * d, W, R, d);
+        transpose_rows(gt.data() + blk * d * W, gp + (grow0 + r0) * d, W, R, d);
+      }
+      std::fill(qr.begin() + GQ * d, qr.end(), 0.0f);
+      std::fill(gr.begin() + GQ * d, gr.end(), 0.0f);
+      std::copy(qp + grow0 * d, qp + (grow0 + GQ) * d, qr.begin());
+      std::copy(gp + grow0 * d, gp + (grow0 + GQ) * d, gr.begin());
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t l = l0; l < l1; ++l) {
+        const float* kb = static_cast<const float*>(k.ptr[l]) + b * k.sb + hk * k.sh;
+        const float* vb = static_cast<const float*>(v.ptr[l]) + b * v.sb + hk * v.sh;
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          const int64_t r0 = blk * W, R = std::min(W, GQ - r0), row0 = grow0 + r0;
+          float *Sb = S.data() + blk * N * W, *dPb = dP.data() + blk * N * W;
+          for (int64_t j = 0; j < W; ++j) {
             const float ls = j < R ? lp[(row0 + j) * L + l] : -inf;
-            lse16[j] = std::isinf(ls) ? inf : ls;  // no probabilities: exp(x - inf) = 0
-            w16[j] = j < R ? wp[(b * P.Q + (r0 + j) % P.Q) * L + l] : 0.0f;
+            lse_b[j] = std::isinf(ls) ? inf : ls;  // no probabilities: exp(x - inf) = 0
+            w_b[j] = j < R ? wp[(b * P.Q + (r0 + j) % P.Q) * L + l] : 0.0f;
           }
-          scores16(S.data(), qt.data(), kb, k.sn, N, d, scale);
-          apply_mask16(P, S.data(), b, l, r0, R, -inf);
-          scores16(dP.data(), gt.data(), vb, v.sn, N, d, 1.0f);
-          backward16(S.data(), dP.data(), N, lse16, w16, t16);  // S <- dS, dP <- w P
-          for (int64_t j = 0; j < R; ++j) tp[(row0 + j) * L + l] = t16[j];
-          pv16(C.data(), d, S.data(), kb, k.sn, N, d, false);  // this layer's part of dq / scale
+          kern.scores(Sb, qt.data() + blk * d * W, kb, k.sn, N, d, scale);
+          apply_mask(P, Sb, W, b, l, r0, R, -inf);
+          kern.scores(dPb, gt.data() + blk * d * W, vb, v.sn, N, d, 1.0f);
+          kern.backward(Sb, dPb, N, lse_b, w_b, t_b);  // S <- dS, dP <- w P
+          for (int64_t j = 0; j < R; ++j) tp[(row0 + j) * L + l] = t_b[j];
+          kern.pv(C.data(), d, Sb, kb, k.sn, N, d, R, false);  // this layer's part of dq / scale
           if (per_layer) {
             for (int64_t j = 0; j < R; ++j) {
               std::copy(C.begin() + j * d, C.begin() + (j + 1) * d, part.begin() + ((row0 + j) * L + l) * d);
             }
           } else {
-            for (int64_t i = 0; i < R * d; ++i) acc[i] += C[i];
-          }
-          outer16(dkb, d, S.data(), qr.data(), N, d, blk > 0);
-          outer16(dvb, d, dP.data(), gr.data(), N, d, blk > 0);
-          if (blk == nblk - 1 && scale != 1.0f) {
-            for (int64_t i = 0; i < N * d; ++i) dkb[i] *= scale;
+            float* a = acc.data() + blk * W * d;
+            for (int64_t i = 0; i < R * d; ++i) a[i] += C[i];
           }
         }
-        if (!per_layer) {
-          for (int64_t i = 0; i < R * d; ++i) dqp[row0 * d + i] = acc[i] * scale;
+        kern.outer(dkp + ((b * P.Hkv + hk) * L + l) * N * d, d, S.data(), qr.data(), N, d, nblk, scale);
+        kern.outer(dvp + ((b * P.Hkv + hk) * L + l) * N * d, d, dP.data(), gr.data(), N, d, nblk, 1.0f);
+      }
+      if (!per_layer) {
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          const int64_t r0 = blk * W, R = std::min(W, GQ - r0);
+          const float* a = acc.data() + blk * W * d;
+          for (int64_t i = 0; i < R * d; ++i) dqp[(grow0 + r0) * d + i] = a[i] * scale;
         }
       }
     }

@@ -120,6 +120,7 @@ SHAPES = [  # (B, H, Hkv, Q, L, N, d)
     (1, 2, 2, 1, 1, 129, 32),
     (2, 3, 1, 7, 2, 19, 64),
     (1, 2, 1, 10, 1, 211, 16),
+    (2, 6, 2, 3, 2, 11, 13),  # G Q = 9 rows: a full and a 1-row block; tail tokens; d % 8, d % 16 tail columns
 ]
 
 
