@@ -7,7 +7,7 @@ GPU: `amfor_vit_base_patch16` at 256x128, batch 64, bf16 autocast. A step is for
   TransReID-style ID + triplet model; "full": every component on) with one op backend.
 - `test_full_vs_baseline`: both configurations interleaved in one run (same machine state: the steps taken in
   turn every round, A B, B A, ...; best of the rounds, and the per-round figures' median with a bootstrap
-  interval), the ratio of their images/s (target: full >= 0.6x baseline), the
+  interval), the ratio of their images/s (target, issue 28: full >= 0.72x baseline, by the per-round median), the
   marginal cost of each component (the full step minus the step without it), the full step on the torch reference
   ops in the same rounds (the fused backend's speed-up over them) and the profiler's forward split by model
   stage. Run with `-s` to see the table.
@@ -50,7 +50,7 @@ WITHOUT = {"amff": dict(amff=False), "text": dict(text=False), "hpr": dict(hpr=F
            "part_recon": dict(part_recon=False), "teacher_student": dict(teacher_student=False, amgd=False),
            "parts": dict(parts=False, teacher_student=False, amgd=False, part_recon=False)}
 STAGES = ("forward_encoder", "forward_parts", "forward_losses", "forward_masked_view")
-TARGET_RATIO = 0.6
+TARGET_RATIO = 0.72  # issue 28: about the FLOP-proportional line (the full step does 1.35x the baseline's FLOPs)
 
 
 def make_batch(size: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -175,15 +175,16 @@ def test_full_vs_baseline(benchmark):
     ratio_paired = paired_speedup(times["baseline"], times["full"])
     speedup_paired = paired_speedup(times[TORCH_OPS], times["full"])
     benchmark.extra_info.update(model=NAME, backend=backend, batch=BATCH, images_per_s=ips, ratio=ratio,
-                                target_ratio=TARGET_RATIO, meets_target=ratio >= TARGET_RATIO,
+                                target_ratio=TARGET_RATIO, meets_target=ratio_paired[0] >= TARGET_RATIO,
                                 marginal_ms=cost, forward_stage_ms=split, torch_ops_images_per_s=BATCH / torch_ops_s,
                                 speedup_vs_torch_ops=speedup, ratio_paired=list(ratio_paired),
                                 speedup_vs_torch_ops_paired=list(speedup_paired), rounds=rounds)
     print(f"\n{NAME} batch {BATCH} on {DEVICE} ({backend}): full {ips['full']:.1f} img/s, baseline "
-          f"{ips['baseline']:.1f} img/s, ratio {ratio:.2f} (target >= {TARGET_RATIO}); the full step on the torch "
+          f"{ips['baseline']:.1f} img/s, ratio {ratio:.2f} (best of rounds); the full step on the torch "
           f"reference ops {BATCH / torch_ops_s:.1f} img/s ({backend} {speedup:.2f}x)")
     print(f"  per round (median, 95% interval over {rounds} rounds): ratio {ratio_paired[0]:.3f} "
-          f"({ratio_paired[1]:.3f}-{ratio_paired[2]:.3f}), {backend} over the torch ops {speedup_paired[0]:.3f}x "
+          f"({ratio_paired[1]:.3f}-{ratio_paired[2]:.3f}; target >= {TARGET_RATIO}), {backend} over the torch ops "
+          f"{speedup_paired[0]:.3f}x "
           f"({speedup_paired[1]:.3f}-{speedup_paired[2]:.3f})")
     for k, ms in cost.items():
         print(f"  {k:16s} costs {ms:7.1f} ms of the {seconds['full'] * 1e3:.1f} ms step")
