@@ -85,20 +85,35 @@ def stats_median_ms(benchmark, fn: Callable[[], object], rounds: int = 3) -> flo
     return statistics.median(times) * 1e3
 
 
-def paired_speedup(reference_s: list[float], new_s: list[float], resamples: int = 2000) -> tuple[float, float, float]:
-    """(median, 2.5%, 97.5%) of the per-round ratio reference / new over rounds timed together (interleaved_times):
-    > 1 means `new` is faster. The interval is a bootstrap of the median over the rounds (a fixed seed, so the
-    same times give the same interval)."""
+def median_interval(values: list[float], resamples: int = 2000) -> tuple[float, float, float]:
+    """(median, 2.5%, 97.5%) of per-round figures: the interval is a bootstrap of the median over the rounds (a fixed
+    seed, so the same figures give the same interval)."""
     import random
     import statistics
 
-    if len(reference_s) != len(new_s) or not reference_s:
-        raise ValueError(f"paired_speedup needs the same number (> 0) of rounds, got {len(reference_s)} and "
-                         f"{len(new_s)}")
-    ratios = [a / b for a, b in zip(reference_s, new_s, strict=True)]
     rng = random.Random(0)
-    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
-    return statistics.median(ratios), boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
+    boot = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return statistics.median(values), boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
+
+
+def _paired(reference_s: list[float], new_s: list[float]) -> list[tuple[float, float]]:
+    if len(reference_s) != len(new_s) or not reference_s:
+        raise ValueError(f"paired figures need the same number (> 0) of rounds, got {len(reference_s)} and "
+                         f"{len(new_s)}")
+    return list(zip(reference_s, new_s, strict=True))
+
+
+def paired_speedup(reference_s: list[float], new_s: list[float], resamples: int = 2000) -> tuple[float, float, float]:
+    """(median, 2.5%, 97.5%) of the per-round ratio reference / new over rounds timed together (interleaved_times):
+    > 1 means `new` is faster (`median_interval`)."""
+    return median_interval([a / b for a, b in _paired(reference_s, new_s)], resamples)
+
+
+def paired_difference(reference_s: list[float], new_s: list[float], resamples: int = 2000
+                      ) -> tuple[float, float, float]:
+    """(median, 2.5%, 97.5%) of the per-round difference reference - new, in the times' unit: what `reference` costs
+    more than `new` in the same round (e.g. a component's marginal cost: the full step against the step without it)."""
+    return median_interval([a - b for a, b in _paired(reference_s, new_s)], resamples)
 
 
 def check_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float | None = None) -> None:

@@ -36,6 +36,7 @@ from benchmarks.common import (
     interleaved_rounds,
     interleaved_times,
     measure,
+    paired_difference,
     paired_speedup,
     peak_memory_bytes,
 )
@@ -170,13 +171,16 @@ def test_full_vs_baseline(benchmark):
     ips = {name: BATCH / s for name, s in seconds.items()}
     ratio = ips["full"] / ips["baseline"]
     cost = {k: (seconds["full"] - seconds[f"without {k}"]) * 1e3 for k in WITHOUT}
+    # per round, the full step minus the step without the component, in the same round (median, 95% interval)
+    cost_paired = {k: [x * 1e3 for x in paired_difference(times["full"], times[f"without {k}"])] for k in WITHOUT}
     speedup = torch_ops_s / seconds["full"]
     # the same two figures per round (median and bootstrap interval over the rounds), not from the best times
     ratio_paired = paired_speedup(times["baseline"], times["full"])
     speedup_paired = paired_speedup(times[TORCH_OPS], times["full"])
     benchmark.extra_info.update(model=NAME, backend=backend, batch=BATCH, images_per_s=ips, ratio=ratio,
                                 target_ratio=TARGET_RATIO, meets_target=ratio_paired[0] >= TARGET_RATIO,
-                                marginal_ms=cost, forward_stage_ms=split, torch_ops_images_per_s=BATCH / torch_ops_s,
+                                marginal_ms=cost, marginal_ms_paired=cost_paired, forward_stage_ms=split,
+                                torch_ops_images_per_s=BATCH / torch_ops_s,
                                 speedup_vs_torch_ops=speedup, ratio_paired=list(ratio_paired),
                                 speedup_vs_torch_ops_paired=list(speedup_paired), rounds=rounds)
     print(f"\n{NAME} batch {BATCH} on {DEVICE} ({backend}): full {ips['full']:.1f} img/s, baseline "
@@ -187,7 +191,9 @@ def test_full_vs_baseline(benchmark):
           f"{speedup_paired[0]:.3f}x "
           f"({speedup_paired[1]:.3f}-{speedup_paired[2]:.3f})")
     for k, ms in cost.items():
-        print(f"  {k:16s} costs {ms:7.1f} ms of the {seconds['full'] * 1e3:.1f} ms step")
+        med, lo, hi = cost_paired[k]
+        print(f"  {k:16s} costs {ms:7.1f} ms of the {seconds['full'] * 1e3:.1f} ms step (best of rounds); per round "
+              f"{med:6.1f} ms ({lo:.1f} to {hi:.1f})")
     for k, ms in split.items():
         print(f"  forward {k:20s} {ms:7.1f} ms")
 

@@ -43,6 +43,18 @@ def test_interleaved_rounds_alternate_the_order_and_pair_the_times():
         paired_speedup([1.0], [1.0, 2.0])
 
 
+def test_paired_differences_are_taken_round_by_round():
+    """A component's marginal cost: full minus without, in each round, so a drift shared by a round cancels."""
+    from benchmarks.common import paired_difference
+
+    full, without = [0.50, 0.70, 0.52, 0.90], [0.40, 0.61, 0.41, 0.80]  # the machine slows in rounds 2 and 4
+    median, low, high = paired_difference(full, without)
+    assert median == pytest.approx(0.10) and 0.09 - 1e-9 <= low <= median <= high <= 0.11 + 1e-9
+    assert paired_difference([1.0] * 3, [1.5] * 3) == (-0.5, -0.5, -0.5)
+    with pytest.raises(ValueError, match="same number"):
+        paired_difference([], [])
+
+
 def test_interleaved_rounds_reads_the_environment(monkeypatch):
     from benchmarks.common import interleaved_rounds
 
