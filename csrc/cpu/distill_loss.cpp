@@ -2,8 +2,8 @@
 // data, the row gradients (see amfor/ops/distill_loss.py for the semantics, csrc/ops.cpp for the schema).
 // Each row is owned by one thread and walked in a fixed order, so results are deterministic.
 // float32 / bfloat16 / float16: float math, vectorised (GCC vector extensions, one build per ISA chosen at run
-// time, the exp of vec_math.h), sums in 2W independent lanes combined pairwise; float64: scalar, in double. The gradients are
-// written in the logits dtype, float32 for float16 logits (distill::grad_dtype).
+// time, the exp of vec_math.h), sums in independent lanes combined pairwise; float64: scalar, in double. The
+// gradients are written in the logits dtype, float32 for float16 logits (distill::grad_dtype).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -86,10 +86,13 @@ void row_grads(const RowStats<acc_t>& st, int64_t C, acc_t scale, const acc_t* d
 // inside target("...") functions: GCC's target_clones("avx2") enabled no FMA, and 16-float vectors on AVX2 are
 // two ymm each, so the former clones spilled (docs/distill_loss.md, "Measured"). Per row three passes: the
 // maxima of both rows; ds, dt (shifted row / T), their exps (kept in es, et) and the sums Z_s, Z_t and A; the
-// gradients from es, et (and ds, dt, recomputed from the logits, for the teacher's). Pass 2 takes two vectors
-// per step, so each sum is kept in 2W lanes (class c in lane c mod 2W, in class order; 6 accumulators, which
-// leaves 10 of AVX2's 16 ymm registers to the two exps), combined pairwise at the end: a fixed order for a given
-// ISA (never dependent on the thread count), and far more accurate than one sequential float sum.
+// gradients from es, et (and ds, dt, recomputed from the logits, for the teacher's). Pass 2 takes STEP vectors
+// per step: 2 with AVX-512 (each sum in 2W = 32 lanes, class c in lane c mod 32: the former lane order), 1 with
+// AVX2 and the portable build (the body's classes in W = 8 lanes, class c in lane c mod 8, the tail's in 8 more:
+// 3 accumulators beside the exp's constants; with 2 the 6 accumulators went to the stack in every step,
+// docs/distill_loss.md).
+// The lanes are combined pairwise at the end: a fixed order for a given ISA (never dependent on the thread
+// count), and far more accurate than one sequential float sum.
 // ---------------------------------------------------------------------------------------------------------
 using vec::loadv;
 using vec::splatv;
@@ -294,18 +297,21 @@ struct RowKernels {
                uint16_t* gt, float* loss);
 };
 
-// NAME: the `RowKernels` of row_body on vector type VT, compiled under the function attribute TARGET.
-#define AMFOR_DL_KERNELS(NAME, TARGET, VT, STEP)                                                                   \
-  TARGET bool NAME##_f32(const float* s, const float* t, const RowArgs& a, float* es, float* et, float* gs,    \
-                         float* gt, float* loss) {                                                             \
-    return row_body<VT, STEP>(s, t, a, es, et, gs, gt, loss);                                                        \
-  }                                                                                                            \
-  TARGET bool NAME##_bf16(const uint16_t* s, const uint16_t* t, const RowArgs& a, float* es, float* et,        \
-                          uint16_t* gs, uint16_t* gt, float* loss) {                                           \
-    return row_body<VT, STEP>(s, t, a, es, et, gs, gt, loss);                                                        \
-  }                                                                                                            \
+// NAME: the `RowKernels` of row_body on vector type VT with STEP vectors per pass-2 step, compiled under the
+// function attribute TARGET.
+#define AMFOR_DL_KERNELS(NAME, TARGET, VT, STEP)                                                                       \
+  TARGET bool NAME##_f32(const float* s, const float* t, const RowArgs& a, float* es, float* et, float* gs,            \
+                         float* gt, float* loss) {                                                                     \
+    return row_body<VT, STEP>(s, t, a, es, et, gs, gt, loss);                                                          \
+  }                                                                                                                    \
+  TARGET bool NAME##_bf16(const uint16_t* s, const uint16_t* t, const RowArgs& a, float* es, float* et,                \
+                          uint16_t* gs, uint16_t* gt, float* loss) {                                                   \
+    return row_body<VT, STEP>(s, t, a, es, et, gs, gt, loss);                                                          \
+  }                                                                                                                    \
   const RowKernels NAME = {NAME##_f32, NAME##_bf16};
 
+// 32 zmm with AVX-512: 2 vectors per step (6 accumulators). 16 ymm with AVX2: 1 (3 accumulators; the exp's ~15
+// constants take the rest).
 AMFOR_DL_KERNELS(portable_rows, , vec::v8, 1)
 #if defined(__x86_64__) || defined(__i386__)
 AMFOR_DL_KERNELS(avx2_rows, __attribute__((target("avx2,fma"))), vec::v8, 1)
