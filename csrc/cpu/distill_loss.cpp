@@ -1,9 +1,9 @@
 // C++ CPU kernel of the distill_kl_loss op: per-row T^2 * KL(p_t || p_s) and, in the same pass over the
 // data, the row gradients (see amfor/ops/distill_loss.py for the semantics, csrc/ops.cpp for the schema).
 // Each row is owned by one thread and walked in a fixed order, so results are deterministic.
-// float32 / bfloat16 / float16: float math, vectorised (GCC vector extensions under target_clones, the exp of
-// vec_math.h), sums in 32 independent lanes combined pairwise; float64: scalar, in double. The gradients are
-// written in the logits dtype, float32 for float16 logits (distill::grad_dtype).
+// float32 / bfloat16 / float16: float math, vectorised (GCC vector extensions, one build per ISA chosen at run
+// time, the exp of vec_math.h), sums in independent lanes combined pairwise; float64: scalar, in double. The
+// gradients are written in the logits dtype, float32 for float16 logits (distill::grad_dtype).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -80,70 +80,97 @@ void row_grads(const RowStats<acc_t>& st, int64_t C, acc_t scale, const acc_t* d
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// float32 / bfloat16 / float16 rows: float math on 16-float vectors. Per row three passes: the maxima of both
-// rows; ds, dt (shifted row / T), their exps (kept in es, et) and the sums Z_s, Z_t and A; the gradients from
-// es, et (and ds, dt, recomputed from the logits, for the teacher's). Each sum is kept in 32 lanes (class c in
-// lane c mod 32, in class order), combined pairwise at the end: a fixed order, and far more accurate than one
-// sequential float sum.
+// float32 / bfloat16 / float16 rows: float math on vectors of W floats, W the vector width of the ISA the row
+// kernels run with: 16 (one zmm) with AVX-512, 8 (one ymm) with AVX2 + FMA, 8 in the portable build, chosen at
+// run time (`row_kernels()`). The bodies are always_inline templates on the vector type V, compiled once per ISA
+// inside target("...") functions: GCC's target_clones("avx2") enabled no FMA, and 16-float vectors on AVX2 are
+// two ymm each, so the former clones spilled (docs/distill_loss.md, "Measured"). Per row three passes: the
+// maxima of both rows; ds, dt (shifted row / T), their exps (kept in es, et) and the sums Z_s, Z_t and A; the
+// gradients from es, et (and ds, dt, recomputed from the logits, for the teacher's). Pass 2 takes STEP vectors
+// per step: 2 with AVX-512 (each sum in 2W = 32 lanes, class c in lane c mod 32: the former lane order), 1 with
+// AVX2 and the portable build (the body's classes in W = 8 lanes, class c in lane c mod 8, the tail's in 8 more:
+// 3 accumulators beside the exp's constants; with 2 the 6 accumulators went to the stack in every step,
+// docs/distill_loss.md).
+// The lanes are combined pairwise at the end: a fixed order for a given ISA (never dependent on the thread
+// count), and far more accurate than one sequential float sum.
 // ---------------------------------------------------------------------------------------------------------
-using vec::load16;
-using vec::splat16;
-using vec::store16;
-using vec::v16;
-using vec::v16i;
-using vec::vexp16;
+using vec::loadv;
+using vec::splatv;
+using vec::storev;
+using vec::VecTraits;
+#define AMFOR_INLINE __attribute__((always_inline)) inline
 
-typedef uint32_t v16ui __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-typedef uint16_t v16hu __attribute__((vector_size(32), aligned(2), may_alias));
+// The W-lane uint32 vector, and the W-lane uint16 vector (bfloat16 bits) with its unaligned alias, of V.
+template <class V> struct Bf16Traits;
+template <> struct Bf16Traits<vec::v16> {
+  typedef uint32_t UI __attribute__((vector_size(64)));
+  typedef uint16_t H __attribute__((vector_size(32)));
+  typedef uint16_t HU __attribute__((vector_size(32), aligned(2), may_alias));
+};
+template <> struct Bf16Traits<vec::v8> {
+  typedef uint32_t UI __attribute__((vector_size(32)));
+  typedef uint16_t H __attribute__((vector_size(16)));
+  typedef uint16_t HU __attribute__((vector_size(16), aligned(2), may_alias));
+};
 
-// Loads and stores of 16 values of a row of float32 (float) or bfloat16 (uint16_t bits), as floats.
-__attribute__((always_inline)) inline v16 vload(const float* p) { return load16(p); }
-__attribute__((always_inline)) inline v16 vload(const uint16_t* p) {
-  const v16h h = *reinterpret_cast<const v16hu*>(p);
-  return (v16)(__builtin_convertvector(h, v16ui) << 16);
+// Loads and stores of W values of a row of float32 (float) or bfloat16 (uint16_t bits), as floats.
+template <class V>
+AMFOR_INLINE V vload(const float* p) { return loadv<V>(p); }
+template <class V>
+AMFOR_INLINE V vload(const uint16_t* p) {
+  using T = Bf16Traits<V>;
+  const typename T::H h = *reinterpret_cast<const typename T::HU*>(p);
+  return (V)(__builtin_convertvector(h, typename T::UI) << 16);
 }
-__attribute__((always_inline)) inline void vstore(float* p, v16 x) { store16(p, x); }
-// float -> bfloat16 rounded to nearest even, NaN -> 0x7FC0: c10::BFloat16's conversion, 16 at a time.
-__attribute__((always_inline)) inline void vstore(uint16_t* p, v16 x) {
-  const v16ui u = (v16ui)x;
-  const v16ui r = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
-  const v16ui bits = x != x ? v16ui{} + 0x7FC0u : r;
-  *reinterpret_cast<v16hu*>(p) = __builtin_convertvector(bits, v16h);
+template <class V>
+AMFOR_INLINE void vstore(float* p, V x) { storev(p, x); }
+// float -> bfloat16 rounded to nearest even, NaN -> 0x7FC0: c10::BFloat16's conversion, W at a time.
+template <class V>
+AMFOR_INLINE void vstore(uint16_t* p, V x) {
+  using T = Bf16Traits<V>;
+  using UI = typename T::UI;
+  const UI u = (UI)x;
+  const UI r = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const UI bits = x != x ? UI{} + 0x7FC0u : r;
+  *reinterpret_cast<typename T::HU*>(p) = __builtin_convertvector(bits, typename T::H);
 }
-__attribute__((always_inline)) inline float to_float(float x) { return x; }
-__attribute__((always_inline)) inline float to_float(uint16_t x) {
+AMFOR_INLINE float to_float(float x) { return x; }
+AMFOR_INLINE float to_float(uint16_t x) {
   const uint32_t u = static_cast<uint32_t>(x) << 16;
   float f;
   __builtin_memcpy(&f, &u, sizeof(f));
   return f;
 }
-// The first n < 16 values of a row as a vector, the other lanes `pad`.
-template <typename in_t>
-__attribute__((always_inline)) inline v16 vload_tail(const in_t* p, int64_t n, float pad) {
-  v16 v = splat16(pad);
+// The first n < W values of a row as a vector, the other lanes `pad`.
+template <class V, typename in_t>
+AMFOR_INLINE V vload_tail(const in_t* p, int64_t n, float pad) {
+  V v = splatv<V>(pad);
   for (int64_t i = 0; i < n; ++i) v[i] = to_float(p[i]);
   return v;
 }
-// Stores the first n < 16 lanes.
-template <typename out_t>
-__attribute__((always_inline)) inline void vstore_tail(out_t* p, int64_t n, v16 x) {
-  alignas(64) out_t tmp[16];
+// Stores the first n < W lanes.
+template <class V, typename out_t>
+AMFOR_INLINE void vstore_tail(out_t* p, int64_t n, V x) {
+  alignas(64) out_t tmp[VecTraits<V>::W];
   vstore(tmp, x);
   for (int64_t i = 0; i < n; ++i) p[i] = tmp[i];
 }
-__attribute__((always_inline)) inline v16 vmax(v16 a, v16 b) { return b > a ? b : a; }
-__attribute__((always_inline)) inline float hmax(v16 x) {
+template <class V>
+AMFOR_INLINE V vmax(V a, V b) { return b > a ? b : a; }
+template <class V>
+AMFOR_INLINE float hmax(V x) {
   float m = x[0];
-  for (int i = 1; i < 16; ++i) m = x[i] > m ? x[i] : m;
+  for (int i = 1; i < VecTraits<V>::W; ++i) m = x[i] > m ? x[i] : m;
   return m;
 }
-// Pairwise sum of 32 lanes: (a + b), then halves of 8, 4, 2, 1 lanes.
-__attribute__((always_inline)) inline float hsum(v16 a, v16 b) {
-  v16 x = a + b;
-  float l[16];
-  for (int i = 0; i < 16; ++i) l[i] = x[i];
-  for (int w = 8; w > 0; w /= 2) {
+// Pairwise sum of 2W lanes: (a + b), then halves of W / 2, W / 4, ..., 1 lanes.
+template <class V>
+AMFOR_INLINE float hsum(V a, V b) {
+  constexpr int W = VecTraits<V>::W;
+  V x = a + b;
+  float l[W];
+  for (int i = 0; i < W; ++i) l[i] = x[i];
+  for (int w = W / 2; w > 0; w /= 2) {
     for (int i = 0; i < w; ++i) l[i] += l[i + w];
   }
   return l[0];
@@ -155,13 +182,15 @@ struct RowArgs {
 };
 
 // The exps of one step: e_s, e_t and the A term e_t * (dt - ds) where e_t > 0.
+template <class V>
 struct Step {
-  v16 es, et, a;
+  V es, et, a;
 };
-__attribute__((always_inline)) inline Step exp_step(v16 s, v16 t, float inv_temp, float m_s, float m_t) {
-  const v16 ds = s * inv_temp - m_s, dt = t * inv_temp - m_t;
-  const v16 es = vexp16(ds), et = vexp16(dt);
-  return {es, et, et > 0.0f ? et * (dt - ds) : v16{}};
+template <class V>
+AMFOR_INLINE Step<V> exp_step(V s, V t, float inv_temp, float m_s, float m_t) {
+  const V ds = s * inv_temp - m_s, dt = t * inv_temp - m_t;
+  const V es = vec::vexp<V>(ds), et = vec::vexp<V>(dt);
+  return {es, et, et > 0.0f ? et * (dt - ds) : V{}};
 }
 
 // Statistics of a row after the first two passes (see RowStats), in float.
@@ -169,58 +198,63 @@ struct RowF {
   float m_s, m_t, log_zs, log_zt, inv_zs, inv_zt, kl;
 };
 
-__attribute__((always_inline)) inline v16 grad_s_step(v16 es, v16 et, const RowF& st, float gscale) {
+template <class V>
+AMFOR_INLINE V grad_s_step(V es, V et, const RowF& st, float gscale) {
   return gscale * (es * st.inv_zs - et * st.inv_zt);
 }
-__attribute__((always_inline)) inline v16 grad_t_step(v16 s, v16 t, v16 et, const RowF& st, float inv_temp,
-                                                      float gscale) {
-  const v16 ds = s * inv_temp - st.m_s, dt = t * inv_temp - st.m_t;
-  const v16 p_t = et * st.inv_zt;
-  const v16 log_ratio = (dt - st.log_zt) - (ds - st.log_zs);
-  return p_t > 0.0f ? gscale * p_t * (log_ratio - st.kl) : v16{};
+template <class V>
+AMFOR_INLINE V grad_t_step(V s, V t, V et, const RowF& st, float inv_temp, float gscale) {
+  const V ds = s * inv_temp - st.m_s, dt = t * inv_temp - st.m_t;
+  const V p_t = et * st.inv_zt;
+  const V log_ratio = (dt - st.log_zt) - (ds - st.log_zs);
+  return p_t > 0.0f ? gscale * p_t * (log_ratio - st.kl) : V{};
 }
 
 // One row: loss = T^2 KL; gs / gt (when not null): the gradients of row_grads (gscale * (p_s - p_t), ...).
 // es, et: C floats of scratch each. Returns false (and writes only the loss, 0) when the row has no teacher.
-template <typename in_t, typename out_t>
-__attribute__((always_inline)) inline bool row_vec(const in_t* s, const in_t* t, const RowArgs& a, float* es,
-                                                   float* et, out_t* gs, out_t* gt, float* loss) {
-  const int64_t C = a.C, body = C & ~int64_t(15), rem = C - body;
+template <class V, int STEP, typename in_t, typename out_t>
+AMFOR_INLINE bool row_body(const in_t* s, const in_t* t, const RowArgs& a, float* es, float* et, out_t* gs,
+                           out_t* gt, float* loss) {
+  constexpr int64_t W = VecTraits<V>::W;
+  const int64_t C = a.C, body = C / W * W, rem = C - body;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   // Pass 1: the maxima (x -> x / T is monotone, so max(x) / T is the max of the scaled row).
-  v16 ms = splat16(kNegInf), mt = ms;
-  for (int64_t c = 0; c < body; c += 16) {
-    ms = vmax(ms, vload(s + c));
-    mt = vmax(mt, vload(t + c));
+  V ms = splatv<V>(kNegInf), mt = ms;
+  for (int64_t c = 0; c < body; c += W) {
+    ms = vmax(ms, vload<V>(s + c));
+    mt = vmax(mt, vload<V>(t + c));
   }
   if (rem > 0) {
-    ms = vmax(ms, vload_tail(s + body, rem, kNegInf));
-    mt = vmax(mt, vload_tail(t + body, rem, kNegInf));
+    ms = vmax(ms, vload_tail<V>(s + body, rem, kNegInf));
+    mt = vmax(mt, vload_tail<V>(t + body, rem, kNegInf));
   }
   RowF st{};
   st.m_s = hmax(ms) * a.inv_temp;
   st.m_t = hmax(mt) * a.inv_temp;
   *loss = 0;
   if (st.m_t == kNegInf) return false;
-  // Pass 2: exps and sums, two vectors (32 lanes) per step.
-  v16 zs0{}, zs1{}, zt0{}, zt1{}, a0{}, a1{};
+  // Pass 2: exps and sums, STEP vectors per step (sums in 2W lanes with STEP 2; with STEP 1 in W lanes, the tail's
+  // in W more).
+  V zs0{}, zs1{}, zt0{}, zt1{}, a0{}, a1{};
   int64_t c = 0;
-  for (; c + 32 <= body; c += 32) {
-    const Step x = exp_step(vload(s + c), vload(t + c), a.inv_temp, st.m_s, st.m_t);
-    const Step y = exp_step(vload(s + c + 16), vload(t + c + 16), a.inv_temp, st.m_s, st.m_t);
-    store16(es + c, x.es), store16(et + c, x.et), store16(es + c + 16, y.es), store16(et + c + 16, y.et);
-    zs0 += x.es, zt0 += x.et, a0 += x.a;
-    zs1 += y.es, zt1 += y.et, a1 += y.a;
+  if constexpr (STEP == 2) {
+    for (; c + 2 * W <= body; c += 2 * W) {
+      const Step<V> x = exp_step(vload<V>(s + c), vload<V>(t + c), a.inv_temp, st.m_s, st.m_t);
+      storev(es + c, x.es), storev(et + c, x.et);
+      zs0 += x.es, zt0 += x.et, a0 += x.a;
+      const Step<V> y = exp_step(vload<V>(s + c + W), vload<V>(t + c + W), a.inv_temp, st.m_s, st.m_t);
+      storev(es + c + W, y.es), storev(et + c + W, y.et);
+      zs1 += y.es, zt1 += y.et, a1 += y.a;
+    }
   }
-  if (c < body) {
-    const Step x = exp_step(vload(s + c), vload(t + c), a.inv_temp, st.m_s, st.m_t);
-    store16(es + c, x.es), store16(et + c, x.et);
+  for (; c < body; c += W) {  // STEP 2: at most once
+    const Step<V> x = exp_step(vload<V>(s + c), vload<V>(t + c), a.inv_temp, st.m_s, st.m_t);
+    storev(es + c, x.es), storev(et + c, x.et);
     zs0 += x.es, zt0 += x.et, a0 += x.a;
-    c += 16;
   }
   if (rem > 0) {  // padding lanes: -inf logits, exps 0, no A term
-    const Step y = exp_step(vload_tail(s + body, rem, kNegInf), vload_tail(t + body, rem, kNegInf), a.inv_temp,
-                            st.m_s, st.m_t);
+    const Step<V> y = exp_step(vload_tail<V>(s + body, rem, kNegInf), vload_tail<V>(t + body, rem, kNegInf),
+                               a.inv_temp, st.m_s, st.m_t);
     for (int64_t i = 0; i < rem; ++i) es[body + i] = y.es[i], et[body + i] = y.et[i];
     zs1 += y.es, zt1 += y.et, a1 += y.a;
   }
@@ -234,35 +268,70 @@ __attribute__((always_inline)) inline bool row_vec(const in_t* s, const in_t* t,
   *loss = st.kl * a.temp * a.temp;
   // Pass 3: the gradients.
   if (gs != nullptr) {
-    for (c = 0; c < body; c += 16) vstore(gs + c, grad_s_step(load16(es + c), load16(et + c), st, a.gscale));
+    for (c = 0; c < body; c += W) {
+      vstore(gs + c, grad_s_step(loadv<V>(es + c), loadv<V>(et + c), st, a.gscale));
+    }
     if (rem > 0) {
-      const v16 e_s = vload_tail(es + body, rem, 0.0f), e_t = vload_tail(et + body, rem, 0.0f);
+      const V e_s = vload_tail<V>(es + body, rem, 0.0f), e_t = vload_tail<V>(et + body, rem, 0.0f);
       vstore_tail(gs + body, rem, grad_s_step(e_s, e_t, st, a.gscale));
     }
   }
   if (gt != nullptr) {
-    for (c = 0; c < body; c += 16) {
-      vstore(gt + c, grad_t_step(vload(s + c), vload(t + c), load16(et + c), st, a.inv_temp, a.gscale));
+    for (c = 0; c < body; c += W) {
+      vstore(gt + c, grad_t_step(vload<V>(s + c), vload<V>(t + c), loadv<V>(et + c), st, a.inv_temp, a.gscale));
     }
     if (rem > 0) {
-      const v16 g = grad_t_step(vload_tail(s + body, rem, 0.0f), vload_tail(t + body, rem, 0.0f),
-                                vload_tail(et + body, rem, 0.0f), st, a.inv_temp, a.gscale);
+      const V g = grad_t_step(vload_tail<V>(s + body, rem, 0.0f), vload_tail<V>(t + body, rem, 0.0f),
+                              vload_tail<V>(et + body, rem, 0.0f), st, a.inv_temp, a.gscale);
       vstore_tail(gt + body, rem, g);
     }
   }
   return true;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-bool row_f32(const float* s, const float* t, const RowArgs& a, float* es, float* et, float* gs, float* gt,
-             float* loss) {
-  return row_vec(s, t, a, es, et, gs, gt, loss);
-}
+// The row kernels compiled for one ISA.
+struct RowKernels {
+  bool (*f32)(const float* s, const float* t, const RowArgs& a, float* es, float* et, float* gs, float* gt,
+              float* loss);
+  bool (*bf16)(const uint16_t* s, const uint16_t* t, const RowArgs& a, float* es, float* et, uint16_t* gs,
+               uint16_t* gt, float* loss);
+};
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-bool row_bf16(const uint16_t* s, const uint16_t* t, const RowArgs& a, float* es, float* et, uint16_t* gs,
-              uint16_t* gt, float* loss) {
-  return row_vec(s, t, a, es, et, gs, gt, loss);
+// NAME: the `RowKernels` of row_body on vector type VT with STEP vectors per pass-2 step, compiled under the
+// function attribute TARGET.
+#define AMFOR_DL_KERNELS(NAME, TARGET, VT, STEP)                                                                       \
+  TARGET bool NAME##_f32(const float* s, const float* t, const RowArgs& a, float* es, float* et, float* gs,            \
+                         float* gt, float* loss) {                                                                     \
+    return row_body<VT, STEP>(s, t, a, es, et, gs, gt, loss);                                                          \
+  }                                                                                                                    \
+  TARGET bool NAME##_bf16(const uint16_t* s, const uint16_t* t, const RowArgs& a, float* es, float* et,                \
+                          uint16_t* gs, uint16_t* gt, float* loss) {                                                   \
+    return row_body<VT, STEP>(s, t, a, es, et, gs, gt, loss);                                                          \
+  }                                                                                                                    \
+  const RowKernels NAME = {NAME##_f32, NAME##_bf16};
+
+// 32 zmm with AVX-512: 2 vectors per step (6 accumulators). 16 ymm with AVX2: 1 (3 accumulators; the exp's ~15
+// constants take the rest).
+AMFOR_DL_KERNELS(portable_rows, , vec::v8, 1)
+#if defined(__x86_64__) || defined(__i386__)
+AMFOR_DL_KERNELS(avx2_rows, __attribute__((target("avx2,fma"))), vec::v8, 1)
+AMFOR_DL_KERNELS(avx512_rows, __attribute__((target("avx512f"))), vec::v16, 2)
+#endif
+#undef AMFOR_DL_KERNELS
+
+// The row kernels for this CPU: AVX-512 (W 16), else AVX2 with FMA (W 8), else the portable build (W 8).
+const RowKernels& row_kernels() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const RowKernels* chosen = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return &avx512_rows;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2_rows;
+    return &portable_rows;
+  }();
+  return *chosen;
+#else
+  return portable_rows;
+#endif
 }
 
 // One float32/bfloat16/float16 row (float16 goes through float32 copies of the row; its gradients are float32).
@@ -272,15 +341,15 @@ bool row_float(const scalar_t* s, const scalar_t* t, const RowArgs& a, float* bu
                distill::grad_type<scalar_t>* gt, float* loss) {
   float *es = buf, *et = buf + a.C;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    return row_f32(s, t, a, es, et, gs, gt, loss);
+    return row_kernels().f32(s, t, a, es, et, gs, gt, loss);
   } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    return row_bf16(reinterpret_cast<const uint16_t*>(s), reinterpret_cast<const uint16_t*>(t), a, es, et,
+    return row_kernels().bf16(reinterpret_cast<const uint16_t*>(s), reinterpret_cast<const uint16_t*>(t), a, es, et,
                     reinterpret_cast<uint16_t*>(gs), reinterpret_cast<uint16_t*>(gt), loss);
   } else {
     const int64_t C = a.C;
     float *sf = et + C, *tf = sf + C;
     for (int64_t c = 0; c < C; ++c) sf[c] = static_cast<float>(s[c]), tf[c] = static_cast<float>(t[c]);
-    return row_f32(sf, tf, a, es, et, gs, gt, loss);
+    return row_kernels().f32(sf, tf, a, es, et, gs, gt, loss);
   }
 }
 

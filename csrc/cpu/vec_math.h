@@ -1,7 +1,8 @@
 // Small float vector helpers for the C++ CPU kernels (query_fusion.cpp, distill_loss.cpp), written with GCC
 // vector extensions: v16 = 16 floats (one zmm in AVX-512 code, two ymm in AVX2 code), v8 = 8 floats (one ymm).
-// Everything is always_inline so that it is compiled for the ISA of the __attribute__((target(...))) or
-// target_clones(...) function that uses it. The templates (loadv, storev, splatv, vexp) take either width.
+// Everything is always_inline so that it is compiled for the ISA of the __attribute__((target(...))) function
+// that uses it (one per ISA, chosen at run time: the kernels' per-ISA tables). The templates (loadv, storev,
+// splatv, vexp) take either width.
 #pragma once
 
 #include <cstdint>
@@ -12,10 +13,6 @@ namespace vec {
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
-
-__attribute__((always_inline)) inline v16 load16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-__attribute__((always_inline)) inline void store16(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
-__attribute__((always_inline)) inline v16 splat16(float x) { return v16{} + x; }
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -58,8 +55,6 @@ __attribute__((always_inline)) inline V vexp(V x) {
   y = y * (V)bits;
   return x < lo ? V{} : y;
 }
-
-__attribute__((always_inline)) inline v16 vexp16(v16 x) { return vexp<v16>(x); }
 
 }  // namespace vec
 }  // namespace amfor
