@@ -163,3 +163,20 @@ def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
         live += e.self_cpu_memory_usage
         peak = max(peak, live)
     return int(peak)
+
+
+def shape_script_args(description: str, default_runs: int, argv: list[str] | None = None):
+    """The command line of the kernel-shape scripts (`--threads`, `--runs`), the thread count set, and the header
+    line naming the host printed: the parsed arguments."""
+    import argparse
+
+    from amfor.utils.timing import cpu_name
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=default_runs, help="timed rounds per case (after 2 warm-up rounds)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"# {cpu_name()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, "
+          f"best / median of {args.runs} (ms)")
+    return args

@@ -11,14 +11,14 @@ docs/distill_loss.md.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 
 from amfor.ops import use_backend
 from amfor.ops.distill_loss import distill_kl_loss
-from amfor.utils.timing import cpu_name, interleaved_times
+from amfor.utils.timing import interleaved_times
+from benchmarks.common import shape_script_args
 
 WARMUP = 2
 SHAPES = ((10, 64, 170), (4, 256, 751))
@@ -48,13 +48,7 @@ def step(backend: str, student: torch.Tensor, teacher: torch.Tensor, weights: to
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=20, help="timed rounds per case (after 2 warm-up rounds)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"# {cpu_name()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, "
-          f"best / median of {args.runs} (ms)")
+    args = shape_script_args(__doc__.splitlines()[0], 20, argv)
     for shape in SHAPES:
         for dname, dtype in DTYPES.items():
             s, t, w = inputs(shape, dtype)

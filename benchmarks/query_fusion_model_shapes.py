@@ -12,14 +12,14 @@ best and median in ms, and the ratio of the bests. Not a pytest benchmark: a scr
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 
 from amfor.ops import use_backend
 from amfor.ops.query_fusion import query_fusion_attention
-from amfor.utils.timing import cpu_name, interleaved_times
+from amfor.utils.timing import interleaved_times
+from benchmarks.common import shape_script_args
 
 WARMUP = 2
 
@@ -70,13 +70,7 @@ def step(backend: str, inputs: tuple, backward: bool):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=12, help="timed rounds per case (after 2 warm-up rounds)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"# {cpu_name()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, "
-          f"best / median of {args.runs} (ms)")
+    args = shape_script_args(__doc__.splitlines()[0], 12, argv)
     for name, make in CASES.items():
         inputs = make()
         for backward in (False, True):

@@ -322,13 +322,11 @@ AMFOR_DL_KERNELS(avx512_rows, __attribute__((target("avx512f"))), vec::v16, 2)
 // The row kernels for this CPU: AVX-512 (W 16), else AVX2 with FMA (W 8), else the portable build (W 8).
 const RowKernels& row_kernels() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const RowKernels* chosen = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return &avx512_rows;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2_rows;
-    return &portable_rows;
-  }();
-  return *chosen;
+  switch (vec::cpu_isa()) {
+    case vec::Isa::avx512: return avx512_rows;
+    case vec::Isa::avx2_fma: return avx2_rows;
+    default: return portable_rows;
+  }
 #else
   return portable_rows;
 #endif

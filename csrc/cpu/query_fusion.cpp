@@ -460,13 +460,11 @@ AMFOR_QF_KERNELS(avx512_kernels, __attribute__((target("avx512f"))), vec::v16, 1
 // The helpers for this CPU: AVX-512 (W 16), else AVX2 with FMA (W 8), else the portable build (W 8).
 const Kernels& kernels() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const Kernels* chosen = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return &avx512_kernels;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2_kernels;
-    return &portable_kernels;
-  }();
-  return *chosen;
+  switch (vec::cpu_isa()) {
+    case vec::Isa::avx512: return avx512_kernels;
+    case vec::Isa::avx2_fma: return avx2_kernels;
+    default: return portable_kernels;
+  }
 #else
   return portable_kernels;
 #endif

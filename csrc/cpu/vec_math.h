@@ -56,5 +56,23 @@ __attribute__((always_inline)) inline V vexp(V x) {
   return x < lo ? V{} : y;
 }
 
+// The widest instruction set the kernels have a build for on this CPU, read once: each kernel file compiles its
+// vector code three times (target("avx512f"), target("avx2,fma"), no target) and picks the build by this.
+enum class Isa { portable, avx2_fma, avx512 };
+
+inline Isa cpu_isa() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return Isa::avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2_fma;
+    return Isa::portable;
+  }();
+  return isa;
+#else
+  return Isa::portable;
+#endif
+}
+
 }  // namespace vec
 }  // namespace amfor
