@@ -490,24 +490,25 @@ def test_median_costs_take_out_each_rounds_machine_speed():
         median_costs({"a": [1.0, 2.0], "b": [1.0]})
 
 
-def test_a_longer_budget_scales_a_fitted_folder_capped_at_the_epochs(tmp_path):
+def test_a_longer_budget_scales_a_fitted_folder_capped_at_the_epochs(tmp_path, monkeypatch):
     """`fit_round3_windows --scale`: every count times the factor, at most --cap, the old settings dropped (the new
     folder's first run writes its own), the 9-minute count kept; an existing budgets.json is never overwritten."""
+    from projects.ablation.rounds import fit_round3_windows
+
     fitted = tmp_path / "r7"
     fitted.mkdir()
     entries = {"full": {"steps": 614, "source": "fitted"}, "+parts": {"steps": 821, "source": "fitted"}}
     (fitted / "budgets.json").write_text(json.dumps({"settings": {"budget_minutes": 9.0}, "variants": entries}))
     out = tmp_path / "r7-30"
-    cmd = [sys.executable, "-m", "projects.ablation.rounds.fit_round3_windows", str(out), "--scale", str(fitted),
-           "3.43", "30", "--cap", "2720"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
-    assert done.returncode == 0, done.stderr
+    argv = ["fit_round3_windows", str(out), "--scale", str(fitted), "3.43", "30", "--cap", "2720"]
+    monkeypatch.setattr(sys, "argv", argv)
+    fit_round3_windows.main()
     budgets = json.loads((out / "budgets.json").read_text())
     assert "settings" not in budgets
     full, parts = budgets["variants"]["full"], budgets["variants"]["+parts"]
     assert (full["steps"], full["steps_9min"], full["budget_minutes"]) == (2106, 614, 30.0)  # round(614 x 3.43)
     assert parts["steps"] == 2720  # round(821 x 3.43) = 2816, past 120 epochs
     assert "x 3.43 for a 30-minute budget" in full["source"]
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
-    assert again.returncode != 0 and "exists" in again.stderr
+    with pytest.raises(SystemExit, match="exists"):
+        fit_round3_windows.main()
     assert json.loads((out / "budgets.json").read_text()) == budgets
