@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from amfor_checkpoint import save_run_checkpoint
 from PIL import Image
 
-from amfor.config import build_config, to_dict
-from amfor.engine.checkpoint import save_checkpoint
+from amfor.config import build_config
 
 NAME = "amfor_vit_tiny_patch16"
 # every branch on (text bank, AMFF, parts, teacher, AMGD, HPR, part reconstruction used at test time, camera
@@ -40,9 +40,7 @@ def write_checkpoint(model: torch.nn.Module, path: Path) -> Path:
     """`model` saved as the trainer saves a run's checkpoint (config, model name, classes, cameras, state)."""
     cfg = build_config(overrides=[f"model.name={NAME}", "device=cpu"])
     cfg.model.kwargs = KWARGS
-    return save_checkpoint({"config": to_dict(cfg), "model_name": NAME, "num_classes": NUM_CLASSES,
-                            "num_cameras": NUM_CAMERAS, "stage1_finished": True, "model": model.state_dict(),
-                            "trainer": {"stage": 2, "step": 1}}, path)
+    return save_run_checkpoint(cfg, model, NUM_CAMERAS, path, trainer={"stage": 2, "step": 1})
 
 
 def image_folder(root: Path) -> dict[str, list[str]]:
