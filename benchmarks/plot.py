@@ -482,7 +482,9 @@ def interleaved_lines(interleaved: list[tuple[Run, dict]]) -> list[str]:
         per_round = all(isinstance(x, list) and len(x) == 3 for x in paired)
         target = f"target >= {info.get('target_ratio', '?')}"
         # the target is judged on the per-round median where the run has one (older runs: on the best of rounds)
-        ratio = f", ratio {info['ratio']:.2f}" + ("" if per_round else f" ({target})") if "ratio" in info else ""
+        ratio = ""
+        if "ratio" in info:
+            ratio = f", ratio {info['ratio']:.2f}" + ("" if per_round else f" ({target})")
         if "speedup_vs_torch_ops" in info:
             ratio += (f"; the full step on the torch reference ops {_number(info['torch_ops_images_per_s'])} img/s, "
                       f"`{info.get('backend', '?')}` {info['speedup_vs_torch_ops']:.2f}x that")
