@@ -7,6 +7,7 @@ occluded and whole-body queries, mean and spread over seeds, in a Markdown repor
                                                                  # (the report keeps the folder's other rows)
     python -m projects.ablation --list                           # variants, seeds, status, budgets
     python -m projects.ablation --report-only                    # rebuild docs/ablation.md from results.jsonl
+    python -m projects.ablation --report-only --reference +parts # every other row's delta against +parts
     python -m projects.ablation --steps 20 --set data.size=tiny  # a fixed step count for every variant
 
 Each variant's step count is calibrated once on this machine (a run with train.max_minutes set, stopped once the
@@ -28,7 +29,7 @@ from amfor.cli import report as report_error
 from amfor.config import ConfigError
 
 from .plan import load_budgets, load_results, make_plan, run_ablation, status_lines, stored_plan
-from .report import write_report
+from .report import check_reference, report_plan, write_report
 from .variants import VARIANTS
 
 
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="extra overrides of every run, e.g. --set data.size=tiny")
     parser.add_argument("--output", default="runs/ablation", help="ablation folder (default runs/ablation)")
     parser.add_argument("--report", default="docs/ablation.md", help="Markdown report; the PNG goes next to it")
+    parser.add_argument("--reference", metavar="NAME", help="the row every other row's Δ is taken against "
+                        "(default: baseline for the + rows, full for the full- rows)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--report-only", action="store_true", help="no training: the report from results.jsonl")
     mode.add_argument("--list", action="store_true", help="print variants, seeds, status and budgets, and exit")
@@ -73,13 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             print("\n".join(status_lines(stored_plan(plan))))
             return 0
+        records = list(load_results(plan.output).values())
+        shown = stored_plan(plan) if args.report_only else plan
+        rows = report_plan(shown, records, load_budgets(plan.output)).variants
+        if args.report_only:  # the reference needs numbers now; in a run, it may still be trained
+            finished = {r["variant"] for r in records}
+            check_reference(args.reference, [v for v in rows if v in finished], "rows with finished runs")
+        else:
+            check_reference(args.reference, rows)
         if args.report_only:
-            records = list(load_results(plan.output).values())
             if not records:
                 raise ConfigError(f"no finished runs in {plan.output / 'results.jsonl'}")
-            print(write_report(stored_plan(plan), records, load_budgets(plan.output), report))
+            print(write_report(shown, records, load_budgets(plan.output), report, args.reference))
             return 0
-        failures = run_ablation(plan, report)
+        failures = run_ablation(plan, report, args.reference)
     except USER_ERRORS as exc:  # a bad config, plan or budget file, a missing dataset or checkpoint: one line, exit 2
         return report_error("projects.ablation", exc)
     except KeyboardInterrupt:

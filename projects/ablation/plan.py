@@ -105,7 +105,7 @@ class Plan:
         out = run_dir if run_dir is not None else self.run_dir(variant, seed)
         return [*config, "--set", *self.overrides, *switches, *budget, "--output", str(out)]
 
-    def ablate_command(self, report: Path) -> str:
+    def ablate_command(self, report: Path, reference_row: str | None = None) -> str:
         """The `python -m projects.ablation` command that reproduces this ablation and its report."""
         args = ["--output", str(self.output)]
         args += ["--config", self.config] if self.config else []
@@ -113,6 +113,7 @@ class Plan:
         args += ["--only", *self.variants] if self.variants != list(VARIANTS) else []
         args += ["--seeds", str(self.num_seeds)] if self.num_seeds else []
         args += ["--set", *self.overrides] if self.overrides else []
+        args += ["--reference", reference_row] if reference_row else []
         return shlex.join(["python", "-m", "projects.ablation", *args, "--report", str(report)])
 
 
@@ -445,9 +446,10 @@ def append_result(output: Path, record: dict) -> None:
 
 
 # --- the driver ------------------------------------------------------------------------------------------
-def run_ablation(plan: Plan, report: Path | None = None) -> list[str]:
+def run_ablation(plan: Plan, report: Path | None = None, reference_row: str | None = None) -> list[str]:
     """Every planned (variant, seed) not finished yet, seed-major -> the failures (the other runs go on).
-    The report is rewritten after each finished run, so a cut-short ablation leaves a current one."""
+    The report is rewritten after each finished run, so a cut-short ablation leaves a current one.
+    reference_row: the report's Δ reference for every other row (`write_report`)."""
     plan.output.mkdir(parents=True, exist_ok=True)
     budgets = load_budgets(plan.output)
     check_settings(budgets, plan)
@@ -480,9 +482,9 @@ def run_ablation(plan: Plan, report: Path | None = None) -> list[str]:
         logger.info("%s seed %d: occluded mAP %.2f%%, whole-body mAP %.2f%%", variant, seed,
                     100 * record["occluded_mAP"], 100 * record["whole_mAP"])
         if report is not None:
-            write_report(plan, list(done.values()), budgets, report)
+            write_report(plan, list(done.values()), budgets, report, reference_row)
     if report is not None:
-        write_report(plan, list(done.values()), budgets, report)
+        write_report(plan, list(done.values()), budgets, report, reference_row)
     return failures
 
 

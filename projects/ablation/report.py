@@ -13,7 +13,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .variants import KNOBS, VARIANTS, default_seeds, reference
+from amfor.config import ConfigError
+
+from .variants import KNOBS, VARIANTS, check_variants, default_seeds, reference
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -82,10 +84,24 @@ def delta(row: dict, ref: dict | None) -> dict:
     return {"ref": ref["variant"], "delta": d, "spread": spread, "exceeds": exceeds}
 
 
-def summarize(records: list[dict], seeds: dict[str, int], budgets: dict | None = None) -> list[dict]:
-    """One row per variant of `seeds` (variant -> planned seeds), in order, with its delta vs its reference.
-    A reference outside `seeds` is computed from the records with its default seed count. With `budgets`
+def check_reference(reference_row: str | None, variants: Iterable[str], what: str = "rows") -> None:
+    """`--reference`: a known variant (else ConfigError naming the closest) and one of `variants` (the report's
+    `what`)."""
+    if reference_row is None:
+        return
+    check_variants([reference_row])
+    variants = list(variants)
+    if reference_row not in variants:
+        raise ConfigError(f"--reference {reference_row}: not one of the report's {what} ({', '.join(variants)})")
+
+
+def summarize(records: list[dict], seeds: dict[str, int], budgets: dict | None = None,
+              reference_row: str | None = None) -> list[dict]:
+    """One row per variant of `seeds` (variant -> planned seeds), in order, with its delta vs its reference:
+    `reference_row` for every other row where given (one of `seeds`), else each variant's own (`reference`). A
+    reference outside `seeds` is computed from the records with its default seed count. With `budgets`
     (budgets.json), a variant's images/s is its calibration's."""
+    check_reference(reference_row, seeds)
     calibrated = {v: e.get("img_s") for v, e in (budgets or {}).get("variants", {}).items()}
 
     def row_of(v: str, n: int) -> dict:
@@ -93,7 +109,8 @@ def summarize(records: list[dict], seeds: dict[str, int], budgets: dict | None =
 
     rows = {v: row_of(v, n) for v, n in seeds.items()}
     for row in list(rows.values()):
-        ref = reference(row["variant"])
+        ref = reference(row["variant"]) if reference_row is None else (
+            None if row["variant"] == reference_row else reference_row)
         if ref is not None and ref not in rows:
             rows[ref] = row_of(ref, default_seeds(ref))
         row.update(delta(row, rows.get(ref)))
@@ -185,7 +202,8 @@ def _delta_cells(row: dict) -> tuple[str, str]:
     return f"{100 * row['delta']:+.2f} vs {row['ref']}", beyond
 
 
-def header_lines(plan: Plan, budgets: dict, report: Path, commits: Iterable[str] = ()) -> list[str]:
+def header_lines(plan: Plan, budgets: dict, report: Path, commits: Iterable[str] = (),
+                 reference_row: str | None = None) -> list[str]:
     """Budget, machine, code version, reproducing command, date, and the validation/test note."""
     entries = {v: budgets["variants"][v] for v in plan.variants if v in budgets["variants"]}
     steps = ", ".join(f"{v} {e['steps']}" for v, e in entries.items()) or "not fixed yet"
@@ -200,6 +218,8 @@ def header_lines(plan: Plan, budgets: dict, report: Path, commits: Iterable[str]
                        f"{len(fit['variants'])} variants against their training steps timed together in "
                        f"{fit['rounds']} interleaved rounds: window = {fit['a']:.3f} x cost + {1e3 * fit['b']:.0f} ms, "
                        f"RMS residual {1e3 * fit['rms_residual_s']:.0f} ms; `budgets.json` keeps both)")
+    refs = (f"{reference_row} for every other row, `--reference`" if reference_row else
+            "baseline for the `+` rows, full for the `full-` rows")
     machines = sorted({describe_machine(e["machine"]) for e in entries.values() if "machine" in e}) or ["unknown"]
     dates = sorted({e["date"] for e in entries.values() if "date" in e})
     when = f" (step counts fixed {' to '.join(dict.fromkeys([dates[0], dates[-1]]))})" if dates else ""
@@ -210,12 +230,12 @@ def header_lines(plan: Plan, budgets: dict, report: Path, commits: Iterable[str]
         f"Budget: {budget}; every seed of a variant trains exactly that many steps (`train.max_steps=N "
         "train.max_minutes=0`), so each run is repeatable from the `command` of its record in "
         f"`{plan.output / 'results.jsonl'}`. Machine: {'; '.join(machines)}{when}. Reproduce this report with "
-        f"`{plan.ablate_command(report)}`. Written {datetime.now():%Y-%m-%d %H:%M}.{code}", "",
+        f"`{plan.ablate_command(report, reference_row)}`. Written {datetime.now():%Y-%m-%d %H:%M}.{code}", "",
         f"Note: {VALIDATION_NOTE}.", "",
         "Test-split mAP and rank-1 in percent, mean ± sample standard deviation over the finished seeds "
         "(`train.seed`; the data, `data.seed`, are the same for all); occluded queries (`query`) and their "
-        "whole-body copies (`query_whole`). Δ: occluded mAP minus that of the reference row (baseline for the `+` "
-        "rows, full for the `full-` rows); it exceeds the seed spread when |Δ| is larger than the larger of the "
+        f"whole-body copies (`query_whole`). Δ: occluded mAP minus that of the reference row ({refs}); it "
+        "exceeds the seed spread when |Δ| is larger than the larger of the "
         "two standard deviations. Rows with missing seeds show only the finished ones. img/s: stage-2 training "
         "images per second as measured by the variant's calibration, with the machine to itself (each run's own "
         "figure is in its record).", "",
@@ -255,14 +275,16 @@ def plot_rows(rows: list[dict], path: Path) -> Path:
 NOTES_MARKER = "<!-- notes: hand-written below this line, kept when the report is rewritten -->"
 
 
-def write_report(plan: Plan, records: list[dict], budgets: dict, report: Path) -> Path:
+def write_report(plan: Plan, records: list[dict], budgets: dict, report: Path,
+                 reference_row: str | None = None) -> Path:
     """`report` (Markdown) and the PNG next to it, from the records of finished runs. Whatever follows
     NOTES_MARKER in an existing report (the findings, written by hand) is kept. The report covers every variant
-    of the output folder (`report_plan`), whatever subset `plan` trained."""
+    of the output folder (`report_plan`), whatever subset `plan` trained. reference_row: the variant every other
+    row's Δ is taken against (None: baseline for `+` rows, full for `full-` rows)."""
     records = list(records)
     plan = report_plan(plan, records, budgets)
     seeds = {v: plan.seeds(v) for v in plan.variants}
-    rows = summarize(records, seeds, budgets)
+    rows = summarize(records, seeds, budgets, reference_row)
     report.parent.mkdir(parents=True, exist_ok=True)
     png = plot_rows(rows, report.with_suffix(".png"))
     old = report.read_text() if report.exists() else ""
@@ -270,7 +292,7 @@ def write_report(plan: Plan, records: list[dict], budgets: dict, report: Path) -
     commits = (c for r in rows for c in r["commits"])
     columns, curves = curve_rows(records, seeds)
     equal_lengths = [CURVE_NOTE, "", *curve_lines(columns, curves), ""] if curves else []
-    lines = [*header_lines(plan, budgets, report, commits), *table_lines(rows), "",
+    lines = [*header_lines(plan, budgets, report, commits, reference_row), *table_lines(rows), "",
              f"![occluded and whole-body mAP]({png.name})", "", *equal_lengths, "Switches (`model.kwargs.<switch>`):",
              "", *switch_lines(plan.variants), ""]
     report.write_text("\n".join(lines) + "\n" + notes.rstrip("\n") + "\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -337,15 +338,20 @@ def test_calibration_fixes_a_step_count_that_every_seed_then_runs(tiny_root, tmp
     assert not [r for r in read_jsonl(out / "baseline" / "seed0" / "metrics.jsonl") if r["type"] == "budget"]
 
 
+def records_folder(out: Path, *results: tuple[str, int, float]) -> Path:
+    """An ablation folder (`--steps 5` settings) holding hand-made records of (variant, seed, occluded mAP)."""
+    out.mkdir()
+    ablation.save_budgets(out, {"settings": ablation.make_plan(out, steps=5).settings(), "variants": {}})
+    for variant, seed, occ in results:
+        ablation.append_result(out, record(variant, seed, occ))
+    return out
+
+
 def test_a_subset_report_keeps_every_row_of_the_folder(tmp_path):
     """`--only full` over a folder that holds other variants: the report keeps their rows and its command
     names every variant of the folder, not the subset."""
-    out = tmp_path / "abl"
-    out.mkdir()
-    plan = ablation.make_plan(out, steps=5)
-    ablation.save_budgets(out, {"settings": plan.settings(), "variants": {}})
-    for variant, seed, occ in (("baseline", 0, 0.2), ("+parts", 0, 0.3), ("full", 0, 0.4), ("full", 1, 0.42)):
-        ablation.append_result(out, record(variant, seed, occ))
+    out = records_folder(tmp_path / "abl", ("baseline", 0, 0.2), ("+parts", 0, 0.3), ("full", 0, 0.4),
+                         ("full", 1, 0.42))
     report = tmp_path / "report.md"
     assert main(["--report-only", "--only", "full", "--output", str(out), "--report", str(report)]) == 0
     rows = {line.split(" | ")[0][2:]: line for line in table_of(report)[1:] if " seeds |" in line}
@@ -355,14 +361,44 @@ def test_a_subset_report_keeps_every_row_of_the_folder(tmp_path):
     command = re.search(r"Reproduce this report with `([^`]*)`", report.read_text()).group(1)
     assert "--steps 5 --only baseline +parts full --report" in command  # default seeds: no --seeds
     # a subset that is all the folder holds stays a subset, with its own seed count
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    ablation.save_budgets(alone, {"settings": plan.settings(), "variants": {}})
-    ablation.append_result(alone, record("full", 0, 0.4))
+    alone = records_folder(tmp_path / "alone", ("full", 0, 0.4))
     assert main(["--report-only", "--only", "full", "--seeds", "1", "--output", str(alone),
                  "--report", str(report)]) == 0
     assert [line.split(" | ")[:2] for line in table_of(report)[1:] if " seeds |" in line] == [["| full", "1/1 seeds"]]
     assert "--only full --seeds 1" in report.read_text()
+
+
+def test_a_chosen_reference_row_takes_every_other_rows_delta(tmp_path, capsys):
+    """`--reference +parts` over a folder of `+parts` and `full` only (the 30-minute comparison): full's Δ is
+    against `+parts`, the header says so and its command reproduces the same table; a reference that is not a row,
+    or not a variant, is one line with exit code 2 and writes nothing."""
+    out = records_folder(tmp_path / "abl", ("+parts", 0, 0.50), ("+parts", 1, 0.52), ("full", 0, 0.53),
+                         ("full", 1, 0.57))
+    report = tmp_path / "report.md"
+    assert main(["--report-only", "--only", "+parts", "full", "--seeds", "2", "--reference", "+parts",
+                 "--output", str(out), "--report", str(report)]) == 0
+    rows = {line.split(" | ")[0][2:]: line for line in table_of(report)[1:] if " seeds |" in line}
+    assert list(rows) == ["+parts", "full"]
+    assert "| +4.00 vs +parts | yes |" in rows["full"]  # 55 - 51; stds 1.41 and 2.83
+    assert rows["+parts"].count("| — |") == 2  # the reference row has no Δ of its own
+    text = report.read_text()
+    assert "reference row (+parts for every other row, `--reference`)" in text
+    command = re.search(r"Reproduce this report with `([^`]*)`", text).group(1)
+    assert "--reference +parts --report" in command
+    before = table_of(report)
+    assert main(shlex.split(command)[3:] + ["--report-only"]) == 0
+    assert table_of(report) == before
+    for reference, message in (("baseline", "--reference baseline: not one of the report's rows with finished "
+                                             "runs (+parts, full)"),
+                               ("+part", "did you mean '+parts'")):
+        capsys.readouterr()
+        other = tmp_path / f"other-{reference}.md"
+        assert main(["--report-only", "--reference", reference, "--output", str(out), "--report", str(other)]) == 2
+        assert message in capsys.readouterr().err and not other.exists()
+    fresh = tmp_path / "fresh"  # before any training: nothing is made
+    assert main(["--only", "+parts", "full", "--steps", "5", "--reference", "baseline", "--output", str(fresh)]) == 2
+    assert "--reference baseline: not one of the report's rows (+parts, full)" in capsys.readouterr().err
+    assert not fresh.exists()
 
 
 def test_the_equal_length_table_averages_the_curves_at_the_epochs_every_run_reached():
