@@ -76,19 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             print("\n".join(status_lines(stored_plan(plan))))
             return 0
-        records = list(load_results(plan.output).values())
-        shown = stored_plan(plan) if args.report_only else plan
-        rows = report_plan(shown, records, load_budgets(plan.output)).variants
-        if args.report_only:  # the reference needs numbers now; in a run, it may still be trained
-            finished = {r["variant"] for r in records}
-            check_reference(args.reference, [v for v in rows if v in finished], "rows with finished runs")
-        else:
-            check_reference(args.reference, rows)
+        records, budgets = list(load_results(plan.output).values()), load_budgets(plan.output)
         if args.report_only:
             if not records:
                 raise ConfigError(f"no finished runs in {plan.output / 'results.jsonl'}")
-            print(write_report(shown, records, load_budgets(plan.output), report, args.reference))
+            shown, finished = stored_plan(plan), {r["variant"] for r in records}
+            rows = [v for v in report_plan(shown, records, budgets).variants if v in finished]
+            check_reference(args.reference, rows, "rows with finished runs")  # its numbers are needed now
+            print(write_report(shown, records, budgets, report, args.reference))
             return 0
+        check_reference(args.reference, report_plan(plan, records, budgets).variants)  # may still be trained
         failures = run_ablation(plan, report, args.reference)
     except USER_ERRORS as exc:  # a bad config, plan or budget file, a missing dataset or checkpoint: one line, exit 2
         return report_error("projects.ablation", exc)
