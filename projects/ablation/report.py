@@ -98,10 +98,9 @@ def check_reference(reference_row: str | None, variants: Iterable[str], what: st
 def summarize(records: list[dict], seeds: dict[str, int], budgets: dict | None = None,
               reference_row: str | None = None) -> list[dict]:
     """One row per variant of `seeds` (variant -> planned seeds), in order, with its delta vs its reference:
-    `reference_row` for every other row where given (one of `seeds`), else each variant's own (`reference`). A
-    reference outside `seeds` is computed from the records with its default seed count. With `budgets`
-    (budgets.json), a variant's images/s is its calibration's."""
-    check_reference(reference_row, seeds)
+    `reference_row` for every other row where given (checked by the CLI, `check_reference`), else each variant's
+    own (`reference`). A reference outside `seeds` is computed from the records with its default seed count. With
+    `budgets` (budgets.json), a variant's images/s is its calibration's."""
     calibrated = {v: e.get("img_s") for v, e in (budgets or {}).get("variants", {}).items()}
 
     def row_of(v: str, n: int) -> dict:
@@ -109,8 +108,8 @@ def summarize(records: list[dict], seeds: dict[str, int], budgets: dict | None =
 
     rows = {v: row_of(v, n) for v, n in seeds.items()}
     for row in list(rows.values()):
-        ref = reference(row["variant"]) if reference_row is None else (
-            None if row["variant"] == reference_row else reference_row)
+        ref = reference_row or reference(row["variant"])
+        ref = None if ref == row["variant"] else ref
         if ref is not None and ref not in rows:
             rows[ref] = row_of(ref, default_seeds(ref))
         row.update(delta(row, rows.get(ref)))
