@@ -1,6 +1,6 @@
-"""What the command lines (`amfor-train`, `amfor-test`, `amfor-export`) share: their name as invoked, and one
-line on stderr with exit code 2, no traceback, for the errors a user can fix (a bad config, a missing or
-unreadable dataset, image, weights file or checkpoint, a missing optional package)."""
+"""What the command lines (`amfor-train`, `amfor-test`, `amfor-export`, `amfor-extract`, ...) share: their name as
+invoked, and one line on stderr with exit code 2, no traceback, for the errors a user can fix (a bad config, a
+missing or unreadable dataset, image, weights file or checkpoint, a missing optional package)."""
 
 from __future__ import annotations
 
@@ -35,10 +35,11 @@ def one_line(exc: BaseException) -> str:
     return " ".join(lines)
 
 
-def report(prog: str, exc: BaseException) -> int:
-    """Print `<prog>: error: <message>` to stderr and return the exit code 2."""
+def report(prog: str, exc: BaseException, hint: str | None = BAD_IMAGE_HINT) -> int:
+    """Print `<prog>: error: <message>` to stderr and return the exit code 2. An unreadable image's message gets
+    `hint` (by default how a dataset skips such images; None for a command that has no dataset)."""
     message = one_line(exc)
-    if "cannot read image" in message or "unreadable image" in message:
-        message = f"{message} ({BAD_IMAGE_HINT})"
+    if hint and ("cannot read image" in message or "unreadable image" in message):
+        message = f"{message} ({hint})"
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2

@@ -160,13 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         if du.is_main():
             write(output, args, extractor, names, rows, mask, errors, camids, ignored)
         du.barrier()
-    except BaseException as exc:
-        if isinstance(exc, (InputError, FeatureFileError)):  # as it is: no hint about datasets' bad images
-            print(f"{parser.prog}: error: {one_line(exc)}", file=sys.stderr)
-            return 2
-        if isinstance(exc, USER_ERRORS):
-            return report(parser.prog, exc)
-        raise
+    except (InputError, FeatureFileError, *USER_ERRORS) as exc:  # no dataset here: no hint about its bad images
+        return report(parser.prog, exc, hint=None)
     finally:
         du.cleanup()
     return 0

@@ -37,18 +37,23 @@ class StandIn(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos", "cam.weight"}
 
-    def tokens(self, images: torch.Tensor, camids: torch.Tensor) -> torch.Tensor:
+    def tokens(self, images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
+        """Patch features [B, D, h, w] with the camera's embedding added; none for an unknown camera (camids None
+        or -1, as the contract says)."""
         assert images.shape[-2:] == self.input_size, f"loader size {images.shape[-2:]} != input_size"
         x = self.embed(images) + self.pos
-        return x + self.cam(camids.clamp(max=self.cam.num_embeddings - 1))[:, :, None, None]
+        if camids is None:
+            return x
+        cam = self.cam(camids.clamp(0, self.cam.num_embeddings - 1)) * (camids >= 0)[:, None]
+        return x + cam[:, :, None, None]
 
-    def parts(self, images, camids) -> torch.Tensor:
+    def parts(self, images, camids=None) -> torch.Tensor:
         """[B, 3, D]: global mean, then the left and right halves (swapped by a horizontal flip)."""
         x = self.tokens(images, camids)
         half = x.shape[-1] // 2
         return torch.stack([x.mean((2, 3)), x[..., :half].mean((2, 3)), x[..., half:].mean((2, 3))], 1)
 
-    def stage1_features(self, images, camids) -> torch.Tensor:
+    def stage1_features(self, images, camids=None) -> torch.Tensor:
         return self.parts(images, camids)[:, 0]
 
     def stage1_parameters(self):
@@ -65,14 +70,21 @@ class StandIn(nn.Module):
             self.text_bank.copy_(self.prompts.detach())
             self.prompts.requires_grad_(False)
 
-    def forward(self, images, *ids, masks=None, occlusion=None, global_only: bool = False) -> dict:
-        if not self.training:
-            f = self.parts(images, ids[0])
-            if global_only:
-                return {"features": f[:, 0]}
-            vis = torch.sigmoid(self.vis(f)).squeeze(-1)
-            return {"features": f, "visibility": torch.cat([torch.ones_like(vis[:, :1]), vis[:, 1:]], 1)}
-        pids, camids = ids
+    def forward(self, images, *args, **kwargs) -> dict:
+        """As AMFOR's: training (images, pids, camids=None, masks=None, occlusion=None); eval (images, camids=None,
+        global_only=False)."""
+        if self.training:
+            return self.forward_train(images, *args, **kwargs)
+        return self.forward_eval(images, *args, **kwargs)
+
+    def forward_eval(self, images, camids=None, global_only: bool = False) -> dict:
+        f = self.parts(images, camids)
+        if global_only:
+            return {"features": f[:, 0]}
+        vis = torch.sigmoid(self.vis(f)).squeeze(-1)
+        return {"features": f, "visibility": torch.cat([torch.ones_like(vis[:, :1]), vis[:, 1:]], 1)}
+
+    def forward_train(self, images, pids, camids=None, masks=None, occlusion=None) -> dict:
         if masks is not None:
             assert masks.shape == (images.shape[0], *self.input_size) and masks.dtype == torch.long
         assert occlusion is not None and occlusion.shape == (images.shape[0], *self.input_size)
