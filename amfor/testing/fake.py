@@ -1,17 +1,8 @@
-"""Helpers for testing amfor ops (used by tests/ and benchmarks/; also useful to anyone adding an op).
+"""The fake-tensor tier: shapes, devices, dtypes and host synchronisations of a whole model step, no GPU needed.
 
-- `devices()`: "cpu", plus "cuda" when a GPU is present.
-- `backends(device, op=None)`: the concrete backends that run there (`torch` always), for `op` when given.
-- `require_backend(device, backend, op=None)`: skip the calling test (pytest.skip, with the reason) when
-  `backend` cannot run `op` on `device`: a GPU test of a backend that was not built skips, it does not fail.
-- `poisoned()`: uninitialised tensors (torch.empty, at::empty) come back filled with NaN, so an output element
-  a kernel forgot to write fails the comparison instead of passing by luck.
-- `assert_close_lowp(actual, reference, reference_lowp)`: the tolerance rule for low precision: the error of
-  `actual` against a float32/float64 reference may be at most 2x the error of the PyTorch reference run in
-  the same low precision, plus a small floor; float32 and float64 within 1e-5 relative.
-- `fake_cuda()` / `fake_tensors(device)`: the fake-tensor tier: a model and its inputs as fake CUDA (or CPU)
-  tensors, run without a driver; it records every amfor op call (device, dtypes, backend), checks that an op's
-  tensors share one device and one floating dtype, and counts the host synchronisations (see `FakeTier`).
+`fake_cuda()` / `fake_tensors(device)` run a model and its inputs as fake CUDA (or CPU) tensors, without a driver;
+the `FakeTier` they yield records every amfor op call (device, dtypes, backend), checks that an op's tensors share
+one device and one floating dtype, and counts the host synchronisations.
 """
 
 from __future__ import annotations
@@ -22,76 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from amfor.ops import available_backends, unavailable_reasons
-
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def devices() -> list[str]:
-    """Devices to test on: cpu always, cuda when available."""
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def backends(device: str, op: str | None = None) -> list[str]:
-    """Concrete backends that can run on `device` (that have `op`, when given)."""
-    return available_backends(device, op)
-
-
-def require_backend(device: str, backend: str, op: str | None = None) -> None:
-    """pytest.skip the calling test or benchmark, naming the reason, when `backend` cannot run there."""
-    import pytest  # only where tests run: amfor itself does not depend on pytest
-
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    missing = unavailable_reasons(device, op)
-    if backend in missing:
-        pytest.skip(f"{backend} on {device}: {missing[backend]}")
-
-
-@contextlib.contextmanager
-def poisoned() -> Iterator[None]:
-    """Fill uninitialised memory with NaN inside the block (deterministic mode, warnings only)."""
-    was_det = torch.are_deterministic_algorithms_enabled()
-    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    was_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.utils.deterministic.fill_uninitialized_memory = was_fill
-        torch.use_deterministic_algorithms(was_det, warn_only=was_warn)
-
-
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.numel() == 0:
-        return 0.0
-    return (a.double() - b.double()).abs().max().item()
-
-
-def assert_close_lowp(actual: torch.Tensor, reference: torch.Tensor, reference_lowp: torch.Tensor | None = None,
-                      *, floor: float = 1e-5, rtol: float = 1e-5, name: str = "output") -> None:
-    """Compare a kernel's output with the reference by the project's tolerance rule.
-
-    actual: kernel output in dtype T; reference: the reference in float32/float64 on the same inputs;
-    reference_lowp: the reference run in dtype T (required when T is float16/bfloat16).
-    """
-    assert actual.shape == reference.shape, f"{name}: shape {list(actual.shape)} != {list(reference.shape)}"
-    assert not torch.isnan(actual).any() or torch.isnan(reference).any(), f"{name}: NaN in the kernel output"
-    if actual.dtype in LOW_PRECISION:
-        assert reference_lowp is not None, "low-precision comparisons need the reference run in the same dtype"
-        allowed = 2 * _max_err(reference_lowp, reference) + floor
-        err = _max_err(actual, reference)
-        assert err <= allowed, f"{name}: max error {err:.3g} > 2 x reference's {allowed - floor:.3g} + {floor:g}"
-        return
-    torch.testing.assert_close(actual.to(reference.dtype), reference, rtol=rtol, atol=floor,
-                               msg=lambda m: f"{name}: {m}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The fake-tensor tier: shapes, devices, dtypes and host synchronisations of a whole model step, no GPU needed
-# ---------------------------------------------------------------------------------------------------------
-_AMFOR_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_AMFOR_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # amfor/
 
 
 class HostSyncError(AssertionError):
