@@ -6,6 +6,7 @@ Output folder:
     results.jsonl                  one record per finished (variant, seed) run, with its exact amfor.train command
     <variant>/seed<k>/             the `python -m amfor.train` run folder of one seed
     <variant>/seed<k>.console.txt  that run's stdout and stderr (each attempt appended)
+    <variant>/seed<k>.commit       the code version its training (last) started from: its record's `commit`
     <variant>/calibration/         the calibration run (stopped once its step count is fixed; no checkpoints kept)
 
 Budgets are step counts, not clocks: a run that stops on the clock depends on how fast the machine happened to
@@ -386,10 +387,15 @@ def _resumable(run_dir: Path) -> Path | None:
     return last
 
 
+def _code_note(run_dir: Path) -> Path:
+    """Beside the run folder: the code version its training (last) started from."""
+    return run_dir.parent / f"{run_dir.name}.commit"
+
+
 def run_one(plan: Plan, variant: str, seed: int, steps: int) -> dict:
     """Train (or resume, or just collect) one run -> its results record."""
     run_dir = plan.run_dir(variant, seed)
-    console = run_dir.parent / f"seed{seed}.console.txt"
+    console = run_dir.parent / f"{run_dir.name}.console.txt"
     wall_s, resume = None, None
     if not (run_dir / "results.json").exists():
         resume = _resumable(run_dir)
@@ -398,6 +404,8 @@ def run_one(plan: Plan, variant: str, seed: int, steps: int) -> dict:
         logger.info("%s seed %d: %s %d steps", variant, seed, "resuming" if resume else "training", steps)
         # --output: the checkpoint's config names the folder it was written in, which may have moved since
         args = ["--resume", str(resume), "--output", str(run_dir)] if resume else plan.train_args(variant, seed, steps)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        _code_note(run_dir).write_text(f"{code_version() or ''}\n")  # commits made while it trains do not count
         rc, wall_s = run_train(args, console)
         if rc != 0 or not (run_dir / "results.json").exists():
             raise _failure(f"{variant} seed {seed}", rc, console)
@@ -415,8 +423,16 @@ RERANKED = (("occluded_mAP", "query", "mAP"), ("occluded_R1", "query", "R1"), ("
             ("whole_R1", "query_whole", "R1"))  # record field, split, metric of the re-ranked rows (when present)
 
 
+def _started_from(run_dir: Path) -> str | None:
+    """The code version the run's training (its last resumed part) started from; the checkout's now for a folder
+    trained before the ablation kept that note."""
+    note = _code_note(run_dir)
+    return (note.read_text().strip() or None) if note.exists() else code_version()
+
+
 def make_record(plan: Plan, variant: str, seed: int, steps: int, wall_s: float | None, resumed: bool) -> dict:
-    """The results.jsonl record of a finished run folder (results.json and metrics.jsonl)."""
+    """The results.jsonl record of a finished run folder (results.json and metrics.jsonl); `commit`: the code its
+    training (last) started from."""
     run_dir = plan.run_dir(variant, seed)
     results = json.loads((run_dir / "results.json").read_text())
     metrics = read_jsonl(run_dir / "metrics.jsonl")
@@ -432,7 +448,7 @@ def make_record(plan: Plan, variant: str, seed: int, steps: int, wall_s: float |
                if f"{split}_rerank" in results},
             "val_mAP": max(val) if val else None, "val_curve": curve, "wall_s": wall_s, "resumed": resumed,
             "checkpoint": results.get("checkpoint"), "run_dir": str(run_dir),
-            "command": train_command(plan.train_args(variant, seed, steps)), "commit": code_version(),
+            "command": train_command(plan.train_args(variant, seed, steps)), "commit": _started_from(run_dir),
             "date": f"{datetime.now():%Y-%m-%d %H:%M}"}
 
 

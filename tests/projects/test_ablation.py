@@ -126,6 +126,29 @@ def test_other_settings_in_the_same_output_are_refused(ablated, tiny_root, capsy
     assert "other settings" in capsys.readouterr().err
 
 
+def test_a_record_names_the_code_its_run_started_from(tmp_path, monkeypatch):
+    """A commit made while a run trains does not relabel it; a record collected later (lost, written again) names
+    the same code."""
+    plan, checkout = ablation.Plan(tmp_path, budget_minutes=9.0), {"version": "aaaaaaa"}
+    monkeypatch.setattr(ablation, "code_version", lambda: checkout["version"])
+
+    def fake_train(args, console):
+        run_dir = Path(args[args.index("--output") + 1])
+        run_dir.mkdir(parents=True)
+        checkout["version"] = "bbbbbbb"  # committed while the run trains
+        metrics = {"query": {"mAP": 0.5, "R1": 0.5}, "query_whole": {"mAP": 0.6, "R1": 0.7}}
+        (run_dir / "results.json").write_text(json.dumps(metrics))
+        (run_dir / "metrics.jsonl").write_text("")
+        return 0, 1.0
+
+    monkeypatch.setattr(ablation, "run_train", fake_train)
+    assert ablation.run_one(plan, "baseline", 0, 2)["commit"] == "aaaaaaa"
+    checkout["version"] = "ccccccc"
+    assert ablation.run_one(plan, "baseline", 0, 2)["commit"] == "aaaaaaa"  # collected again: no training here
+    (tmp_path / "baseline" / "seed0.commit").unlink()  # a folder trained before the note was kept
+    assert ablation.run_one(plan, "baseline", 0, 2)["commit"] == "ccccccc"
+
+
 def test_a_changed_default_is_refused_by_name(tmp_path):
     """The same arguments over another default (here the demo's random erasing) would mix two recipes."""
     from amfor.config import ConfigError
