@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_compile_check.py"
@@ -14,9 +15,9 @@ triton = pytest.importorskip("triton")
 
 
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The script in its own process group: a timeout kills its compile workers too."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=ROOT)
+    return run_cli([str(SCRIPT), *args], ROOT, timeout, check=False, env=env)
 
 
 @pytest.mark.slow

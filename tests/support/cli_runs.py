@@ -32,10 +32,12 @@ def cli_env() -> dict:
     return env
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """`python <args>` in a subprocess with the stand-in importable; output captured (shown on failure)."""
-    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, check: bool = True,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python <args>` in a subprocess of its own process group (`cli_env()` unless `env` is given: the stand-in
+    importable); output captured (shown on failure). On timeout the whole group is killed, workers included."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=cli_env() if env is None else env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
